@@ -1,0 +1,441 @@
+"""Batch augmentation for dermoscopy on the device (GPU, or the CPU / loader workers where there is none).
+
+The loader hands over uint8 batches; `build_augment` returns one module that turns them into normalized
+float batches. Train mode draws random ops per sample; eval mode does only the deterministic part
+(shorter side resized to `image_size`, centre crop, optional Shades-of-Gray colour constancy, normalize).
+
+Why not a plain Kornia `AugmentationSequential`: on this project's 2-core CPU Kornia's rotation, affine,
+resized crop and elastic ops each resample the batch (elastic blurs a full-resolution field with a 63 px
+kernel: ~1 s per 64 images at 224 px) and `ColorJiggle` converts to HSV and back (~1.5 s). Here every
+geometric op is one per-sample 2x3 matrix (plus a coarse elastic field upsampled), composed and applied
+with a single `grid_sample`; brightness/contrast/saturation/hue compose into one per-sample 3x3 colour
+matrix (hue = rotation about the grey axis, as in SVG `feHueRotate`). Kornia does equalization,
+grayscale and resizing.
+
+Presets (p = per-sample probability; ranges are uniform):
+
+| op        | none | light | derm                                         | heavy                           |
+|-----------|------|-------|----------------------------------------------|---------------------------------|
+| crop      | 0    | 0     | .7, area 0.6-1, ratio 3/4-4/3, centre_std .1 | .8, area 0.4-1                  |
+| hflip     | 0    | .5    | .5                                           | .5                              |
+| vflip     | 0    | .5    | .5                                           | .5                              |
+| rot90     | 0    | .75   | 0                                            | 0                               |
+| rotate    | 0    | 0     | .75, +-180 deg (any angle)                   | .75                             |
+| affine    | 0    | 0     | .5, shift +-10 %, zoom 0.9-1.1               | .6, shift +-15 %, zoom 0.85-1.2 |
+| elastic   | 0    | 0     | .25, alpha .03, 5x5 grid                     | .35, alpha .04                  |
+| hair      | 0    | 0     | .15, 1-6 strands, width 1-2 px               | .3, 1-10 strands, width 1-3 px  |
+| color     | 0    | 0     | .8, bright .2, contrast .2, sat .2, hue .05  | .9, .3, .3, .3, hue .1          |
+| equalize  | 0    | 0     | .1                                           | .2                              |
+| noise     | 0    | 0     | .2, std up to .03                            | .3, std up to .05               |
+| grayscale | 0    | 0     | .05                                          | .1                              |
+
+`heavy` is meant to be trained with CutMix (`cutmix_alpha: 1.0` in the recipe, `MixupCutmix` below).
+Order of application: colour constancy -> geometry (crop, affine, rotate, rot90, flips, elastic; one
+resample) -> hair -> color -> equalize -> grayscale -> noise -> clamp to [0, 1] -> normalize.
+
+Overrides: one scheme, by op name, each a mapping of that op's parameters (see `OP_PARAMS`):
+`build_augment("derm", 224, mean, std, elastic={"p": 0.0}, color={"hue": 0.02})`; in a recipe
+`augment_overrides: {elastic: {p: 0.0}}`. Unknown ops or parameters raise ValueError listing the valid ones.
+
+Reproducibility: `forward(x, seed=s)` gives the same output for the same batch and seed. A module built
+with `seed=` draws its k-th train batch from a stream keyed by (seed, loader worker seed, k), so reruns
+repeat exactly; without a seed it uses torch's global RNG (seeded by the trainer).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import kornia
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRESETS = ("none", "light", "derm", "heavy")
+
+# Every op and its parameters, with neutral defaults (p=0: off). Presets only change values here.
+OP_PARAMS: dict[str, dict] = {
+    "crop": {"p": 0.0, "scale": (0.6, 1.0), "ratio": (3 / 4, 4 / 3), "center_std": 0.1},
+    "hflip": {"p": 0.0},
+    "vflip": {"p": 0.0},
+    "rot90": {"p": 0.0},
+    "rotate": {"p": 0.0, "degrees": 180.0},
+    "affine": {"p": 0.0, "translate": 0.1, "scale": (0.9, 1.1)},
+    "elastic": {"p": 0.0, "alpha": 0.03, "grid": 5},
+    "hair": {"p": 0.0, "max_hairs": 6, "max_width": 2},
+    "color": {"p": 0.0, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.05},
+    "equalize": {"p": 0.0},
+    "grayscale": {"p": 0.0},
+    "noise": {"p": 0.0, "std": 0.03},
+}
+GEOMETRIC_OPS = ("crop", "affine", "rotate", "rot90", "hflip", "vflip", "elastic")
+
+_PRESET_CHANGES: dict[str, dict[str, dict]] = {
+    "none": {},
+    "light": {"hflip": {"p": 0.5}, "vflip": {"p": 0.5}, "rot90": {"p": 0.75}},
+    "derm": {
+        "crop": {"p": 0.7}, "hflip": {"p": 0.5}, "vflip": {"p": 0.5}, "rotate": {"p": 0.75},
+        "affine": {"p": 0.5}, "elastic": {"p": 0.25}, "hair": {"p": 0.15}, "color": {"p": 0.8},
+        "equalize": {"p": 0.1}, "grayscale": {"p": 0.05}, "noise": {"p": 0.2},
+    },
+}
+_PRESET_CHANGES["heavy"] = {
+    **_PRESET_CHANGES["derm"],
+    "crop": {"p": 0.8, "scale": (0.4, 1.0)},
+    "affine": {"p": 0.6, "translate": 0.15, "scale": (0.85, 1.2)},
+    "elastic": {"p": 0.35, "alpha": 0.04},
+    "hair": {"p": 0.3, "max_hairs": 10, "max_width": 3},
+    "color": {"p": 0.9, "brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.1},
+    "equalize": {"p": 0.2}, "grayscale": {"p": 0.1}, "noise": {"p": 0.3, "std": 0.05},
+}
+
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def preset_params(preset: str, **overrides) -> dict[str, dict]:
+    """The full op table of a preset with overrides applied (validated)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augmentation preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    params = copy.deepcopy(OP_PARAMS)
+    for source in (_PRESET_CHANGES[preset], overrides):
+        for op, values in source.items():
+            if op not in params:
+                raise ValueError(f"unknown augmentation op {op!r}; valid ops: {', '.join(OP_PARAMS)}")
+            if not isinstance(values, dict):
+                raise ValueError(f"augmentation op {op!r}: expected a mapping like {{p: 0.5}}, got {values!r}")
+            unknown = sorted(set(values) - set(params[op]))
+            if unknown:
+                raise ValueError(f"augmentation op {op!r}: unknown parameter(s) {', '.join(unknown)}; "
+                                 f"valid: {', '.join(params[op])}")
+            params[op].update(values)
+    for op, values in params.items():
+        if not 0.0 <= float(values["p"]) <= 1.0:
+            raise ValueError(f"augmentation op {op!r}: p must be in [0, 1], got {values['p']!r}")
+    return params
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several ints (splitmix-style), so nearby inputs give unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = ((h ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _gate(batch: int, p: float) -> torch.Tensor | None:
+    """Which samples an op touches (CPU bool [B]); None when none, so p=0 is an exact no-op."""
+    if p <= 0:
+        return None
+    mask = torch.rand(batch) < p
+    return mask if bool(mask.any()) else None
+
+
+def _uniform(n: int, low: float, high: float) -> torch.Tensor:
+    return torch.rand(n) * (high - low) + low
+
+
+def resize_center(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to `size` (antialiased), then the central size x size square: the eval transform."""
+    h, w = x.shape[-2:]
+    if min(h, w) != size:
+        x = kornia.geometry.transform.resize(x, size, side="short", antialias=True)
+        h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+class ShadesOfGray(nn.Module):
+    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004): estimate the illuminant per image as the
+    Minkowski p-norm of each channel and rescale channels so it becomes neutral grey. p=6 is the usual
+    choice for dermoscopy (Barata et al. 2015); it removes the colour cast of different dermatoscopes."""
+
+    def __init__(self, power: float = 6.0, eps: float = 1e-6):
+        super().__init__()
+        self.power, self.eps = power, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        illum = x.clamp_min(0).pow(self.power).mean(dim=(-2, -1)).pow(1.0 / self.power)  # [B,3]
+        illum = illum / illum.norm(dim=1, keepdim=True).clamp_min(self.eps)
+        gain = 1.0 / (illum * math.sqrt(3.0)).clamp_min(self.eps)
+        return (x * gain[..., None, None]).clamp(0.0, 1.0)
+
+
+class Augment(nn.Module):
+    """uint8/float [B,3,H,W] on any device -> normalized float32 [B,3,S,S]; see the module docstring."""
+
+    def __init__(self, params: dict[str, dict], image_size: int, mean, std, color_constancy: bool = False,
+                 seed: int | None = None, preset: str = "custom"):
+        super().__init__()
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {mean!r} and {std!r}")
+        self.params, self.image_size, self.preset, self.seed = params, int(image_size), preset, seed
+        self.color_constancy = ShadesOfGray() if color_constancy else None
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self._calls = 0
+
+    def extra_repr(self) -> str:
+        active = {op: v for op, v in self.params.items() if v["p"] > 0}
+        return f"preset={self.preset}, size={self.image_size}, color_constancy={self.color_constancy is not None}, " \
+               f"ops={active}"
+
+    # ---- entry point -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"augment expects a batch [B,3,H,W], got shape {tuple(x.shape)}")
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if self.color_constancy is not None:
+            x = self.color_constancy(x)
+        if not self.training or all(v["p"] <= 0 for v in self.params.values()):
+            return self._normalize(resize_center(x, self.image_size))
+        seed = self._stream_seed(seed)
+        if seed is None:
+            return self._normalize(self._random(x))
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.random.default_generator.manual_seed(seed)
+            if devices:
+                with torch.cuda.device(x.device):
+                    torch.cuda.manual_seed(seed)
+            return self._normalize(self._random(x))
+
+    def _stream_seed(self, seed: int | None) -> int | None:
+        if seed is not None or self.seed is None:
+            return seed
+        worker = torch.utils.data.get_worker_info()
+        seed = _mix_seed(self.seed, worker.seed if worker else 0, self._calls)
+        self._calls += 1
+        return seed
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clamp(0.0, 1.0)  # noise/colour ops leave [0, 1]; the model expects the normalized unit range
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def _random(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._geometry(x)
+        x = self._hair(x)
+        x = self._color(x)
+        P, B = self.params, x.shape[0]
+        idx = _gate(B, P["equalize"]["p"])
+        if idx is not None:
+            x = x.clone()
+            x[idx.to(x.device)] = kornia.enhance.equalize(x[idx.to(x.device)].clamp(0.0, 1.0))
+        idx = _gate(B, P["grayscale"]["p"])
+        if idx is not None:
+            x = x.clone()
+            sel = idx.to(x.device)
+            x[sel] = kornia.color.rgb_to_grayscale(x[sel]).expand(-1, 3, -1, -1)
+        idx = _gate(B, P["noise"]["p"])
+        if idx is not None:
+            std = (torch.rand(B) * P["noise"]["std"] * idx).to(x.device).view(B, 1, 1, 1)
+            x = x + torch.randn_like(x) * std
+        return x
+
+    # ---- geometry: every op is a per-sample map from output to input coordinates, applied once -----
+    def _geometry(self, x: torch.Tensor) -> torch.Tensor:
+        P, B, S = self.params, x.shape[0], self.image_size
+        A = torch.eye(2).repeat(B, 1, 1)  # input = A @ output + b, in coords where the short side spans [-1, 1]
+        b = torch.zeros(B, 2)
+        touched = False
+
+        def compose(sel, stage_A, stage_b=None):
+            # The new stage is applied after the previous ones on the way from output to input.
+            nonlocal A, b, touched
+            touched = True
+            eye = torch.eye(2).expand(B, 2, 2)
+            stage_A = torch.where(sel.view(B, 1, 1), stage_A, eye)
+            A = stage_A @ A
+            b = (stage_A @ b.unsqueeze(-1)).squeeze(-1)
+            if stage_b is not None:
+                b = b + stage_b * sel.view(B, 1)
+
+        if (sel := _gate(B, P["hflip"]["p"])) is not None:
+            compose(sel, torch.diag(torch.tensor([-1.0, 1.0])).expand(B, 2, 2))
+        if (sel := _gate(B, P["vflip"]["p"])) is not None:
+            compose(sel, torch.diag(torch.tensor([1.0, -1.0])).expand(B, 2, 2))
+        if (sel := _gate(B, P["rot90"]["p"])) is not None:
+            compose(sel, _rotation(torch.randint(1, 4, (B,)).float() * (math.pi / 2)))
+        if (sel := _gate(B, P["rotate"]["p"])) is not None:
+            deg = float(P["rotate"]["degrees"])
+            compose(sel, _rotation(_uniform(B, -deg, deg) * (math.pi / 180)))
+        if (sel := _gate(B, P["affine"]["p"])) is not None:
+            lo, hi = P["affine"]["scale"]
+            zoom = 1.0 / _uniform(B, lo, hi)
+            shift = (torch.rand(B, 2) * 2 - 1) * (2 * float(P["affine"]["translate"]))
+            compose(sel, torch.diag_embed(zoom[:, None].expand(B, 2)), shift)
+        if (sel := _gate(B, P["crop"]["p"])) is not None:
+            c = P["crop"]
+            area = _uniform(B, *c["scale"])
+            log_ratio = _uniform(B, math.log(c["ratio"][0]), math.log(c["ratio"][1]))
+            half = torch.stack([(area * log_ratio.exp()).sqrt(), (area / log_ratio.exp()).sqrt()], 1).clamp(max=1.0)
+            # Lesion-centred: dermoscopy centres the lesion, so crop centres are drawn near the middle.
+            centre = (torch.randn(B, 2) * (2 * float(c["center_std"]))).clamp(-1 + half, 1 - half)
+            compose(sel, torch.diag_embed(half), centre)
+        disp = None
+        if (sel := _gate(B, P["elastic"]["p"])) is not None:
+            g = int(P["elastic"]["grid"])
+            coarse = torch.randn(B, 2, g, g) * (2 * float(P["elastic"]["alpha"])) * sel.view(B, 1, 1, 1)
+            disp = coarse.to(x.device)
+            touched = True
+        if not touched:
+            return resize_center(x, S)
+
+        h, w = x.shape[-2:]
+        if min(h, w) > S:  # sample from an antialiased copy, not the full-resolution image
+            x = kornia.geometry.transform.resize(x, S, side="short", antialias=True)
+            h, w = x.shape[-2:]
+        lin = (torch.arange(S, device=x.device, dtype=torch.float32) * 2 + 1) / S - 1
+        grid = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), dim=-1).expand(B, S, S, 2)
+        if disp is not None:
+            # A smooth random field: coarse Gaussian offsets upsampled (cheap stand-in for blurring noise).
+            disp = F.interpolate(disp, size=(S, S), mode="bicubic", align_corners=True)
+            grid = grid + disp.permute(0, 2, 3, 1)
+        A, b = A.to(x.device), b.to(x.device)
+        grid = torch.einsum("bhwk,bjk->bhwj", grid, A) + b.view(B, 1, 1, 2)
+        short = min(h, w)
+        grid = grid * torch.tensor([short / w, short / h], device=x.device)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    # ---- synthetic hair: thin dark quadratic Bezier strands, splatted into a mask for the whole batch --
+    def _hair(self, x: torch.Tensor) -> torch.Tensor:
+        P = self.params["hair"]
+        sel = _gate(x.shape[0], P["p"])
+        if sel is None:
+            return x
+        idx = sel.nonzero().squeeze(1)
+        n, K, S, W = len(idx), int(P["max_hairs"]), x.shape[-1], int(P["max_width"])
+        count = torch.randint(1, K + 1, (n, 1))
+        active = torch.arange(K).view(1, K) < count  # [n,K]
+        start = torch.rand(n, K, 2) * S
+        angle = torch.rand(n, K) * (2 * math.pi)
+        length = _uniform(n * K, 0.3, 0.9).view(n, K) * S
+        direction = torch.stack([angle.cos(), angle.sin()], -1)
+        end = start + direction * length[..., None]
+        normal = torch.stack([-direction[..., 1], direction[..., 0]], -1)
+        bend = _uniform(n * K, -0.3, 0.3).view(n, K, 1) * length[..., None]
+        ctrl = (start + end) / 2 + normal * bend
+        width = torch.randint(1, W + 1, (n, K))
+        alpha = _uniform(n, 0.6, 0.95)
+        colour = _uniform(n, 0.02, 0.2).view(n, 1) * torch.tensor([1.0, 0.8, 0.65])  # dark brown-black
+
+        dev = x.device
+        t = torch.linspace(0, 1, 2 * S, device=dev).view(1, 1, -1, 1)
+        s0, c0, e0 = start.to(dev)[:, :, None], ctrl.to(dev)[:, :, None], end.to(dev)[:, :, None]
+        pts = (1 - t) ** 2 * s0 + 2 * (1 - t) * t * c0 + t**2 * e0  # [n,K,M,2], ~0.5 px apart
+        off = torch.stack(torch.meshgrid(torch.arange(W), torch.arange(W), indexing="xy"), -1).view(-1, 2)
+        keep = (off.view(1, 1, -1, 2) < width.view(n, K, 1, 1)).all(-1) & active[..., None]  # [n,K,O]
+        xy = pts.floor().long()[:, :, :, None, :] + off.to(dev).view(1, 1, 1, -1, 2)  # [n,K,M,O,2]
+        inside = ((xy >= 0) & (xy < S)).all(-1) & keep.to(dev)[:, :, None, :]
+        flat = (torch.arange(n, device=dev).view(n, 1, 1, 1) * S + xy[..., 1]) * S + xy[..., 0]
+        mask = torch.zeros(n * S * S, device=dev)
+        values = alpha.to(dev).view(n, 1, 1, 1).expand_as(flat)
+        mask[flat[inside]] = values[inside]
+        mask = mask.view(n, 1, S, S)
+        mask = torch.maximum(mask, 0.5 * F.avg_pool2d(mask, 3, 1, 1))  # soft edge
+        idx = idx.to(dev)
+        x = x.clone()
+        x[idx] = x[idx] * (1 - mask) + colour.to(dev).view(n, 3, 1, 1) * mask
+        return x
+
+    # ---- colour jitter as one per-sample affine colour transform ---------------------------------
+    def _color(self, x: torch.Tensor) -> torch.Tensor:
+        P, B = self.params["color"], x.shape[0]
+        sel = _gate(B, P["p"])
+        if sel is None:
+            return x
+        bright = _uniform(B, 1 - P["brightness"], 1 + P["brightness"])
+        contrast = _uniform(B, 1 - P["contrast"], 1 + P["contrast"])
+        sat = _uniform(B, 1 - P["saturation"], 1 + P["saturation"])
+        hue = _uniform(B, -P["hue"], P["hue"]) * (2 * math.pi)
+        luma = torch.tensor(_LUMA)
+        saturation = sat.view(B, 1, 1) * torch.eye(3) + (1 - sat).view(B, 1, 1) * luma.view(1, 1, 3)
+        matrix = _hue_rotation(hue) @ saturation * (bright * contrast).view(B, 1, 1)
+        matrix = torch.where(sel.view(B, 1, 1), matrix, torch.eye(3))
+        # contrast blends towards the image's mean grey; grey is a fixed point of hue and saturation
+        grey_mean = (x * luma.to(x.device).view(1, 3, 1, 1)).sum(1).mean((-2, -1))  # [B]
+        offset = ((1 - contrast) * bright * sel).to(x.device) * grey_mean
+        return torch.einsum("bij,bjhw->bihw", matrix.to(x.device), x) + offset.view(B, 1, 1, 1)
+
+
+def _rotation(theta: torch.Tensor) -> torch.Tensor:
+    c, s = theta.cos(), theta.sin()
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def _hue_rotation(theta: torch.Tensor) -> torch.Tensor:
+    """Per-sample 3x3 RGB matrices rotating hue by theta about the grey axis (the SVG feHueRotate matrix)."""
+    c, s = theta.cos().view(-1, 1, 1), theta.sin().view(-1, 1, 1)
+    base = torch.tensor([[0.213, 0.715, 0.072]] * 3)
+    cos_part = torch.tensor([[0.787, -0.715, -0.072], [-0.213, 0.285, -0.072], [-0.213, -0.715, 0.928]])
+    sin_part = torch.tensor([[-0.213, -0.715, 0.928], [0.143, 0.140, -0.283], [-0.787, 0.715, 0.072]])
+    return base + c * cos_part + s * sin_part
+
+
+def build_augment(preset: str, image_size: int, mean, std, color_constancy: bool = False,
+                  seed: int | None = None, **overrides) -> Augment:
+    """The batch augmentation module for a preset (see the table above); overrides are {op: {param: value}}."""
+    return Augment(preset_params(preset, **overrides), image_size, mean, std, color_constancy, seed, preset)
+
+
+def choose_placement(device_type: str, preset: str) -> str:
+    """Where augmentation runs: on the device batch ("device") or in the loader workers ("workers").
+
+    A GPU does it in a few ms per batch, so it stays on the device. On a CPU it competes with the training
+    step for the same cores; in the workers it overlaps the step (`lesionkit bench aug` shows both), so
+    CPU runs use the workers unless there is nothing random to do."""
+    if device_type != "cpu":
+        return "device"
+    return "device" if preset == "none" else "workers"
+
+
+class MixupCutmix(nn.Module):
+    """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) on a normalized batch, after `Augment`.
+
+    lam ~ Beta(alpha, alpha); a sample is paired with another of the batch (a random permutation). Mixup
+    blends the images; CutMix pastes a box of area (1 - lam) and corrects lam to the box actually pasted.
+    With both alphas > 0 one of the two is chosen per batch (50/50); with both 0 it only one-hot encodes.
+    Returns (images, soft targets [B, num_classes], rows sum to 1); `last` holds (kind, lam, perm)."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+        super().__init__()
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ValueError(f"mixup/cutmix alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
+        self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
+        self.last: tuple[str, float, torch.Tensor | None] = ("none", 1.0, None)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        onehot = F.one_hot(labels.long(), self.num_classes).to(torch.float32)
+        kinds = [k for k, a in (("mixup", self.mixup_alpha), ("cutmix", self.cutmix_alpha)) if a > 0]
+        if not self.training or not kinds:
+            self.last = ("none", 1.0, None)
+            return images, onehot
+        kind = kinds[int(torch.randint(len(kinds), ()))]
+        alpha = self.mixup_alpha if kind == "mixup" else self.cutmix_alpha
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        perm = torch.randperm(images.shape[0]).to(images.device)
+        if kind == "mixup":
+            images = lam * images + (1 - lam) * images[perm]
+        else:
+            h, w = images.shape[-2:]
+            cut = math.sqrt(1 - lam)
+            ch, cw = int(h * cut), int(w * cut)
+            cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            images = images.clone()
+            images[..., y0:y1, x0:x1] = images[perm][..., y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+        self.last = (kind, lam, perm)
+        return images, lam * onehot + (1 - lam) * onehot[perm]
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor,
+                              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of -sum_c w_c * t_c * log softmax(logits)_c, computed in float32.
+
+    Linear in the targets, so for mixed targets it equals lam * CE(y_a) + (1 - lam) * CE(y_b) (unweighted;
+    with class weights the batch mean divides by B, not by the sum of weights as hard-label CE does)."""
+    if logits.shape != soft_targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and soft targets {tuple(soft_targets.shape)} differ")
+    return F.cross_entropy(logits.float(), soft_targets.float(), weight=weight)

@@ -1,0 +1,100 @@
+"""Atomic checkpoints: training state for `--resume`, and a model-only copy for inference.
+
+Layout of a run folder::
+
+    runs/NAME/checkpoints/epoch-0003/      accelerate state (model, optimizer, scaler, RNG) +
+                                           trainer.pt (scheduler, EMA, loop state) +
+                                           model.pt, config.yaml, info.json (inference)
+    runs/NAME/last -> checkpoints/...      symlinks, swapped atomically
+    runs/NAME/best -> checkpoints/...
+
+A checkpoint is written into `checkpoints/.tmp-*`, renamed into place when complete, and only then
+are the `last`/`best` links swapped (os.replace), so a crash or a full disk at any moment leaves the
+previous checkpoint whole. Everything is loaded with `torch.load(weights_only=True)`: a checkpoint
+file carrying a pickled code payload is refused instead of executed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from lesionkit.config import TrainConfig, load_config, save_config
+from lesionkit.models import create_model
+
+TRAINER_STATE = "trainer.pt"
+
+
+def checkpoint_name(epoch: int, step: int = 0) -> str:
+    """`epoch-0003` at an epoch boundary (epoch = epochs completed), `epoch-0003-step-000040` mid-epoch."""
+    return f"epoch-{epoch:04d}" + (f"-step-{step:06d}" if step else "")
+
+
+def staging_dir(run_dir: Path, name: str) -> Path:
+    """Where every process writes its part of checkpoint `name` before `publish` renames it."""
+    return Path(run_dir) / "checkpoints" / f".tmp-{name}"
+
+
+def write_inference_files(ckpt_dir: Path, state_dict: dict, cfg: TrainConfig, info: dict) -> None:
+    torch.save(state_dict, ckpt_dir / "model.pt")
+    save_config(cfg, ckpt_dir / "config.yaml")
+    (ckpt_dir / "info.json").write_text(json.dumps(info, indent=2))
+
+
+def _swap_link(link: Path, target_name: str) -> None:
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(Path("checkpoints") / target_name, tmp)
+    os.replace(tmp, link)
+
+
+def publish(run_dir: Path, name: str, best: bool) -> Path:
+    """Main process only: rename the staged checkpoint into place, swap links, drop unreferenced ones."""
+    run_dir = Path(run_dir)
+    final = run_dir / "checkpoints" / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging_dir(run_dir, name), final)
+    _swap_link(run_dir / "last", name)
+    if best:
+        _swap_link(run_dir / "best", name)
+    keep = {resolve(run_dir / link) for link in ("last", "best")}
+    for old in (run_dir / "checkpoints").iterdir():
+        if old.resolve() not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve(path: Path) -> Path | None:
+    path = Path(path)
+    return path.resolve() if path.exists() else None
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (`last`), or None for a fresh run."""
+    return resolve(Path(run_dir) / "last")
+
+
+def save_trainer_state(ckpt_dir: Path, state: dict) -> None:
+    torch.save(state, Path(ckpt_dir) / TRAINER_STATE)
+
+
+def load_trainer_state(ckpt_dir: Path) -> dict:
+    return torch.load(Path(ckpt_dir) / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def load_inference_model(ckpt_dir: str | Path, map_location="cpu"):
+    """(model in eval mode, info) from a checkpoint folder; `info` has classes, model, image_size, mean, std."""
+    ckpt_dir = Path(ckpt_dir)
+    missing = [f for f in ("model.pt", "info.json", "config.yaml") if not (ckpt_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{ckpt_dir} is not a lesionkit checkpoint (missing {', '.join(missing)})")
+    info = json.loads((ckpt_dir / "info.json").read_text())
+    cfg = load_config(ckpt_dir / "config.yaml")
+    model = create_model(cfg.model, num_classes=len(info["classes"]))
+    state = torch.load(ckpt_dir / "model.pt", map_location=map_location, weights_only=True)
+    model.load_state_dict(state)
+    return model.eval(), info

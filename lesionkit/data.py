@@ -1,0 +1,398 @@
+"""Read packed shards: the training stream (equal batches on every rank) and the evaluation reader.
+
+Layout of a job: every process (rank) runs a DataLoader with W workers, so there are
+world_size x W streams ("slots"). Each slot reads whole shards, decodes JPEG bytes to uint8 CHW
+tensors at the training size and collates full batches itself; the main process only pins and
+hands them on.
+
+Why not `wds.split_by_node` / `wds.split_by_worker`: they deal shards out by position
+(`islice(urls, rank, None, world)`), so ranks get different numbers of samples and a DDP job hangs
+in the first all-reduce that one rank never reaches. Here every process computes the same plan
+from the manifest: shards -> slots (largest first into the emptiest slot, a seeded shuffle per
+epoch decides which of the equally sized shards go where), and from the per-shard counts the
+number of batches each slot makes. `len(loader)` is identical on all ranks; slots that run short
+cycle over their shards again (padding), so an epoch still shows every sample at least once.
+
+Never pass these loaders through `accelerator.prepare`: Accelerate would wrap them in its own
+sharding (each rank keeps every world_size-th batch of what is already its own share), silently
+dropping half of the data on 2 ranks, and its even_batches logic knows nothing of our padding.
+"""
+from __future__ import annotations
+
+import bisect
+import io
+import itertools
+import json
+import logging
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DRAFT_FACTOR = 2  # stored shorter side >= 2x the training size: decode with PIL draft (DCT scaling)
+
+log = logging.getLogger(__name__)
+# decode_jpeg only reads the sample's bytes; wrapping them without a copy is safe.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+def read_manifest(folder: str | Path) -> dict:
+    """manifest.json of a shard folder, checked for the format version this reader understands."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"shard folder not found: {folder}")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {folder} is not a shard folder written by `lesionkit pack`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable manifest ({exc})") from exc
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: shard format_version {version!r} is not supported (this lesionkit reads "
+                         f"{FORMAT_VERSION}); repack with `lesionkit pack`")
+    missing = [k for k in ("classes", "num_samples", "shards") if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks {', '.join(missing)}")
+    return manifest
+
+
+def _as_list(dirs) -> list[Path]:
+    return [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+
+
+def dataset_info(dirs) -> tuple[list[str], dict[str, int], int]:
+    """(classes, counts per class, number of samples) over shard folders that share one class list."""
+    classes, counts, total, first = None, {}, 0, None
+    for folder in _as_list(dirs):
+        manifest = read_manifest(folder)
+        if classes is None:
+            classes, first = list(manifest["classes"]), folder
+            counts = dict.fromkeys(classes, 0)
+        elif list(manifest["classes"]) != classes:
+            raise ValueError(f"shard folders disagree on the classes: {first} has {classes}, "
+                             f"{folder} has {manifest['classes']}")
+        for name, n in manifest.get("counts", {}).items():
+            counts[name] += int(n)
+        total += int(manifest["num_samples"])
+    if classes is None:
+        raise ValueError("no shard folders given")
+    return classes, counts, total
+
+
+@dataclass(frozen=True)
+class _Shard:
+    url: str
+    num_samples: int
+    counts: tuple[int, ...]  # per class, in the class order
+    stored_size: int  # shorter side the images were packed at
+
+
+def _shards(dirs) -> tuple[list[str], list[_Shard]]:
+    classes, _, _ = dataset_info(dirs)
+    shards = []
+    for folder in _as_list(dirs):
+        manifest = read_manifest(folder)
+        stored = int(manifest.get("params", {}).get("size", 0))
+        for rec in manifest["shards"]:
+            path = folder / rec["name"]
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {path} listed in {folder / MANIFEST} is missing")
+            counts = tuple(int(rec.get("counts", {}).get(c, 0)) for c in classes)
+            if int(rec["num_samples"]) > 0:
+                shards.append(_Shard(str(path), int(rec["num_samples"]), counts, stored))
+    return classes, shards
+
+
+def _plan(shards: list[_Shard], world_size: int, workers: int, order_seed: int | None) -> list[list[list[int]]]:
+    """plan[rank][worker] = shard indices. Largest shard first into the emptiest slot (ties: lowest slot,
+    and slot k belongs to rank k % world_size so ranks alternate). The slot loads depend only on the
+    shard sizes, so they are the same every epoch; `order_seed` only permutes equally sized shards."""
+    order = list(range(len(shards)))
+    if order_seed is not None:
+        random.Random(order_seed).shuffle(order)
+    order.sort(key=lambda i: -shards[i].num_samples)  # stable: the shuffle survives among equals
+    nslots = world_size * workers
+    loads, slots = [0] * nslots, [[] for _ in range(nslots)]
+    for i in order:
+        k = min(range(nslots), key=lambda s: (loads[s], s))
+        slots[k].append(i)
+        loads[k] += shards[i].num_samples
+    return [[slots[w * world_size + r] for w in range(workers)] for r in range(world_size)]
+
+
+def _quotas(loads: list[list[int]], batch_size: int, max_batches: int) -> tuple[int, list[list[int]]]:
+    """Batches per rank (the same for all) and per (rank, worker). A worker batches its own stream, so it
+    needs ceil(load / B) batches to show every sample; the rank with most needs sets the epoch length
+    and the others pad: the extra batches go round-robin to their workers, which cycle their shards."""
+    natural = [[math.ceil(n / batch_size) for n in rank] for rank in loads]
+    per_rank = max(sum(r) for r in natural)
+    if max_batches > 0:
+        per_rank = min(per_rank, max_batches)
+    quotas = []
+    for nat in natural:
+        q, left = [0] * len(nat), per_rank
+        active = [w for w, n in enumerate(nat) if n > 0]
+        while left:  # first up to each worker's natural count (spread evenly when capped), then pad
+            short = [w for w in active if q[w] < nat[w]] or active
+            for w in short[:left]:
+                q[w] += 1
+            left -= len(short[:left])
+        quotas.append(q)
+    return per_rank, quotas
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _decode(sample: dict, size: int, stored: dict[str, int], rng: random.Random | None):
+    """Raw sample -> (uint8 [3,size,size], label, key). Shorter side to `size` (a no-op when packed at the
+    training size), then a random (train) or centre (eval) square crop along the longer side."""
+    data = sample["jpg"]
+    if stored.get(sample["__url__"], 0) >= DRAFT_FACTOR * size:
+        # A big stored image: PIL decodes straight at 1/2..1/8 scale, far cheaper than a full decode.
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (size, size))
+            image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    else:
+        image = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+    h, w = image.shape[-2:]
+    if min(h, w) != size:
+        image = TF.resize(image, [size], antialias=True)
+        h, w = image.shape[-2:]
+    if rng is None:
+        top, left = (h - size) // 2, (w - size) // 2
+    else:
+        top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+    return image[:, top:top + size, left:left + size], int(sample["cls"]), sample["__key__"]
+
+
+def _collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    images, labels, keys = zip(*samples)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys)
+
+
+def _read(urls: list[str], handler) -> Iterator[dict]:
+    """Raw samples of `urls` in this order. Shards are already split and ordered by the plan, so wds
+    neither splits (nodesplitter/workersplitter None) nor reorders them (shardshuffle=False)."""
+    return iter(wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                               handler=handler, empty_check=False))
+
+
+def _cycle(urls: list[str], rng: random.Random, handler, buffer: int, select: Callable | None = None) -> Iterator[dict]:
+    """The worker's shards over and over, each pass in a new shard order and shuffled through a buffer of
+    `buffer` samples. Shuffling within a pass keeps the first pass a permutation: every sample once."""
+    urls = list(urls)
+    while True:
+        rng.shuffle(urls)
+        samples = _read(urls, handler)
+        if select is not None:
+            samples = filter(select, samples)
+        count = 0
+        for count, sample in enumerate(wds.shuffle(buffer, buffer, rng=rng)(samples), 1):
+            yield sample
+        if not count:
+            raise ValueError(f"no readable samples in shards {urls}")
+
+
+def _weighted_mix(streams: list[Iterator], weights: list[float], rng: random.Random) -> Iterator:
+    """wds.RandomMix with a seeded generator: the next sample comes from stream i with p ~ weights[i]."""
+    cum = list(itertools.accumulate(weights))
+    while True:
+        yield next(streams[bisect.bisect_right(cum, rng.random() * cum[-1])])
+
+
+class _Stream(IterableDataset):
+    """One (rank, worker) slot's batches; the same object serves training and evaluation."""
+
+    def __init__(self, shards: list[_Shard], classes: list[str], *, train: bool, image_size: int,
+                 batch_size: int, seed: int, epoch: int, rank: int, world_size: int, workers: int,
+                 shuffle_buffer: int = 0, class_weights: list[float] | None = None,
+                 batch_transform: Callable | None = None, skip_corrupt: bool = False, max_batches: int = 0):
+        super().__init__()
+        self.shards, self.classes, self.train = shards, classes, train
+        self.image_size, self.batch_size, self.seed, self.epoch = image_size, batch_size, seed, epoch
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, workers)
+        self.shuffle_buffer, self.class_weights = shuffle_buffer, class_weights
+        self.batch_transform, self.skip_corrupt, self.max_batches = batch_transform, skip_corrupt, max_batches
+        self.stored = {s.url: s.stored_size for s in shards}
+        self.skipped = 0
+        loads = [[sum(shards[i].num_samples for i in slot) for slot in rank_slots]
+                 for rank_slots in self.plan(epoch)]
+        if train:
+            self.num_batches, quotas = _quotas(loads, batch_size, max_batches)
+            self.quotas = quotas[rank]
+        else:  # every sample once: each worker ends with its own partial batch
+            self.quotas = [math.ceil(n / batch_size) for n in loads[rank]]
+            self.num_batches = sum(self.quotas)
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        return _plan(self.shards, self.world_size, self.workers,
+                     self.seed * 1_000_003 + epoch if self.train else None)
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        if num_workers != self.workers:
+            raise RuntimeError(f"stream planned for {self.workers} workers runs in {num_workers}")
+        epoch = self.epoch
+        self.epoch += 1  # persistent workers keep this copy: the next pass is the next epoch
+        urls = [self.shards[i].url for i in self.plan(epoch)[self.rank][worker]]
+        quota = self.quotas[worker]
+        if not quota:
+            return
+        if not self.train:
+            samples = self._decoded(_read(urls, wds.reraise_exception), None, urls)
+            batches = wds.batched(self.batch_size, collation_fn=_collate, partial=True)(samples)
+            yield from self._transformed(batches)
+            return
+        rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
+        handler = wds.warn_and_continue if self.skip_corrupt else wds.reraise_exception
+        if self.class_weights is None:
+            raw = _cycle(urls, rng, handler, self.shuffle_buffer)
+        else:
+            raw = self._balanced(urls, rng, handler)
+        batches = wds.batched(self.batch_size, collation_fn=_collate, partial=False)(self._decoded(raw, rng, urls))
+        yield from self._transformed(itertools.islice(batches, quota))
+
+    def _balanced(self, urls: list[str], rng: random.Random, handler) -> Iterator[dict]:
+        """Per-class streams over this worker's shards mixed by class weight: the stream counterpart of
+        WeightedRandomSampler (minority classes are oversampled by cycling, majority ones undersampled)."""
+        present = [c for c in range(len(self.classes))
+                   if sum(s.counts[c] for s in self.shards if s.url in urls) > 0]
+        buffer = max(1, self.shuffle_buffer // len(present))
+        streams = [_cycle(urls, random.Random(rng.random()), handler, buffer, lambda s, c=c: _label(s) == c)
+                   for c in present]
+        return _weighted_mix(streams, [self.class_weights[c] for c in present], rng)
+
+    def _decoded(self, raw: Iterator[dict], rng: random.Random | None, urls: list[str]) -> Iterator[tuple]:
+        """Decode the stream; a corrupt sample raises naming shard and key, or (skip_corrupt) is logged
+        and skipped: the cycling stream then supplies another, so the batch count stays the same."""
+        limit = sum(s.num_samples for s in self.shards if s.url in urls)
+        failures = 0
+        for sample in raw:
+            try:
+                item = _decode(sample, self.image_size, self.stored, rng)
+            except Exception as exc:
+                where = f"sample {sample.get('__key__')!r} in shard {sample.get('__url__')}"
+                if not self.skip_corrupt:
+                    hint = " (skip_corrupt skips such samples)" if self.train else ""
+                    raise ValueError(f"corrupt {where}: {exc}{hint}") from exc
+                self.skipped += 1
+                failures += 1
+                log.warning("skipped corrupt %s: %s (%d skipped by this worker)", where, exc, self.skipped)
+                if failures > limit:
+                    raise ValueError(f"no decodable samples in shards {urls}") from exc
+                continue
+            failures = 0
+            yield item
+
+    def _transformed(self, batches: Iterable[tuple]) -> Iterator[tuple]:
+        for images, labels, keys in batches:
+            if self.batch_transform is not None:
+                images = self.batch_transform(images)
+            yield images, labels, keys
+
+
+def _label(sample: dict) -> int:
+    try:
+        return int(sample["cls"])
+    except (KeyError, ValueError):
+        return -1  # no class stream selects it; a sample without a label never reaches training
+
+
+class ShardLoader:
+    """What train_loader/eval_loader return: iterate once per epoch; `len()` is the batches per epoch.
+
+    Each pass over a training loader is the next epoch (a new shard plan and shuffle); `set_epoch(e)`
+    jumps to epoch e (e.g. after a resume) and is a no-op when e is the epoch the next pass reads.
+    """
+
+    def __init__(self, stream: _Stream, workers: int, prefetch_factor: int):
+        self.stream, self.workers, self.prefetch_factor = stream, workers, prefetch_factor
+        self.next_epoch = stream.epoch
+        self._loader = self._build()
+
+    def _build(self):
+        kw = dict(persistent_workers=True, prefetch_factor=self.prefetch_factor) if self.workers > 0 else {}
+        return wds.WebLoader(self.stream, batch_size=None, num_workers=self.workers,
+                             pin_memory=torch.cuda.is_available(), **kw)
+
+    def __len__(self) -> int:
+        return self.stream.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.next_epoch:  # worker copies count epochs themselves: restart them at `epoch`
+            self.stream.epoch = self.next_epoch = epoch
+            self._loader = self._build()
+
+    def __iter__(self):
+        self.next_epoch += 1
+        return iter(self._loader)
+
+
+def _check_common(image_size: int, batch_size: int, workers: int, rank: int, world_size: int) -> None:
+    for name, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
+                             ("workers", workers, 0), ("world_size", world_size, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+
+
+def train_loader(dirs, *, image_size: int, batch_size: int, workers: int, seed: int, epoch: int, rank: int,
+                 world_size: int, shuffle_buffer: int = 500, balanced: bool = False,
+                 class_weights: Sequence[float] | None = None, batch_transform: Callable | None = None,
+                 skip_corrupt: bool = False, max_batches: int = 0, prefetch_factor: int = 2) -> ShardLoader:
+    """Training batches `(uint8 [B,3,S,S], int64 [B], keys)`, full batches only, `len()` equal on all ranks.
+
+    `balanced` draws classes with `class_weights` (default: equal); `batch_transform` runs in the
+    worker on the uint8 batch (picklable); `skip_corrupt` skips undecodable samples with a warning
+    instead of failing; `max_batches` > 0 caps the epoch (smoke runs).
+    """
+    _check_common(image_size, batch_size, workers, rank, world_size)
+    classes, shards = _shards(dirs)
+    slots = world_size * max(1, workers)
+    if len(shards) < slots:
+        total = sum(s.num_samples for s in shards)
+        raise ValueError(
+            f"{len(shards)} shard(s) in {', '.join(map(str, _as_list(dirs)))} but {world_size} process(es) x "
+            f"{max(1, workers)} loader worker(s) need at least {slots} (each worker streams whole shards); "
+            f"repack with a smaller --shard-size (at most {max(1, total // slots)} for {total} samples) "
+            f"or use fewer workers")
+    weights = None
+    if balanced:
+        weights = [1.0] * len(classes) if class_weights is None else [float(w) for w in class_weights]
+        if len(weights) != len(classes) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"class_weights {list(class_weights)} must be {len(classes)} non-negative "
+                             f"numbers (classes {classes}), not all zero")
+    stream = _Stream(shards, classes, train=True, image_size=image_size, batch_size=batch_size, seed=seed,
+                     epoch=epoch, rank=rank, world_size=world_size, workers=workers,
+                     shuffle_buffer=max(1, shuffle_buffer), class_weights=weights,
+                     batch_transform=batch_transform, skip_corrupt=skip_corrupt, max_batches=max_batches)
+    return ShardLoader(stream, workers, prefetch_factor)
+
+
+def eval_loader(dirs, *, image_size: int, batch_size: int, workers: int, rank: int, world_size: int,
+                prefetch_factor: int = 2) -> ShardLoader:
+    """Evaluation batches `(uint8 [B,3,S,S], int64 [B], keys)`: in shard order, centre crop, every sample
+    exactly once across all ranks and workers (batch counts may differ per rank: gather by key at the
+    end, never per batch). Corrupt samples raise, naming shard and key."""
+    _check_common(image_size, batch_size, workers, rank, world_size)
+    classes, shards = _shards(dirs)
+    stream = _Stream(shards, classes, train=False, image_size=image_size, batch_size=batch_size, seed=0,
+                     epoch=0, rank=rank, world_size=world_size, workers=workers)
+    return ShardLoader(stream, workers, prefetch_factor)

@@ -1,0 +1,222 @@
+"""Classification metrics for dermoscopy models: per-class AUCs, the ISIC 2017 score, thresholds,
+bootstrap confidence intervals and calibration.
+
+Pure numpy/scipy/sklearn so the trainer, `evaluate` and tests all score identically; nothing here
+knows about torch or Accelerate. A class absent from the labels has an undefined AUC: its value is
+None (JSON null) and a note says why, rather than crashing a whole evaluation.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import optimize, special, stats
+from sklearn import metrics as skm
+
+ISIC2017_CLASSES = ("melanoma", "seborrheic_keratosis")
+
+
+def _as_arrays(labels, probs, classes) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels, dtype=np.int64).ravel()
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape != (labels.size, len(classes)):
+        raise ValueError(f"probs must have shape ({labels.size}, {len(classes)}), got {probs.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise ValueError(f"labels must be in 0..{len(classes) - 1}, got {labels.min()}..{labels.max()}")
+    return labels, probs
+
+
+def _defined(y: np.ndarray) -> bool:
+    """A one-vs-rest ROC needs at least one positive and one negative."""
+    return 0 < int(y.sum()) < y.size
+
+
+def auc_above_sensitivity(y: np.ndarray, scores: np.ndarray, sensitivity: float = 0.8) -> float:
+    """Partial AUC "above 80% sensitivity" exactly as the official ISIC scorer computes it.
+
+    isic-challenge-scoring's `auc_above_sensitivity` (reported as `auc_sens_80` from ISIC 2018 on)
+    integrates TPR over FPR from the point where the ROC curve first reaches TPR = `sensitivity`
+    (linearly interpolated) to FPR = 1, without McClish normalisation: a perfect ranking scores 1,
+    an uninformative one (1 - s) * (1 + s) / 2 = 0.18 for s = 0.8.
+    """
+    fpr, tpr, _ = skm.roc_curve(y, scores, drop_intermediate=False)
+    i = int(tpr.searchsorted(sensitivity, side="left"))
+    fpr_at = np.interp(sensitivity, tpr[i - 1 : i + 1], fpr[i - 1 : i + 1])
+    return float(skm.auc(np.insert(fpr[i:], 0, fpr_at), np.insert(tpr[i:], 0, sensitivity)))
+
+
+def _sens_spec(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float | None, float | None]:
+    pos, neg = y_true.sum(), (~y_true).sum()
+    sens = float((y_pred & y_true).sum() / pos) if pos else None
+    spec = float((~y_pred & ~y_true).sum() / neg) if neg else None
+    return sens, spec
+
+
+def choose_thresholds(labels, probs, classes) -> dict[str, float | None]:
+    """Per-class one-vs-rest threshold maximising Youden's J (sensitivity + specificity - 1).
+
+    Meant to be chosen on validation data and applied to test data (`compute_metrics(thresholds=)`).
+    """
+    labels, probs = _as_arrays(labels, probs, classes)
+    out: dict[str, float | None] = {}
+    for c, name in enumerate(classes):
+        y = labels == c
+        if not _defined(y):
+            out[name] = None
+            continue
+        fpr, tpr, thr = skm.roc_curve(y, probs[:, c])
+        best = int(np.argmax(tpr - fpr))
+        # roc_curve's first threshold is +inf (predict nothing positive): keep it finite for JSON.
+        out[name] = float(min(thr[best], np.nextafter(1.0, 2.0)))
+    return out
+
+
+def compute_metrics(labels, probs, classes, thresholds: dict | None = None) -> dict:
+    """Every number `evaluate` reports, as a flat JSON-ready dict.
+
+    Keys: `n`, `n_<class>`, `accuracy`, `balanced_accuracy`, `auc_<class>`, `auc_sens_80_<class>`,
+    `ap_<class>`, `auc_macro`, `isic2017_score` (mean of the melanoma and seborrheic keratosis AUCs
+    when both classes exist), `sens_<class>`/`spec_<class>` at the argmax, and with `thresholds`
+    ({class: t}, predicted positive when prob >= t) `threshold_<class>`, `sens_thr_<class>`,
+    `spec_thr_<class>`; `confusion_matrix` (rows = truth, columns = argmax prediction), `nll`,
+    `brier`, `ece`; `notes` lists anything undefined.
+    """
+    labels, probs = _as_arrays(labels, probs, classes)
+    classes = list(classes)
+    pred = probs.argmax(axis=1)
+    notes: list[str] = []
+    m: dict = {"n": int(labels.size)}
+    for c, name in enumerate(classes):
+        m[f"n_{name}"] = int((labels == c).sum())
+    m["accuracy"] = float((pred == labels).mean()) if labels.size else None
+    present = [c for c in range(len(classes)) if (labels == c).any()]
+    # Mean recall over the classes present in the labels (sklearn's balanced_accuracy_score).
+    m["balanced_accuracy"] = (
+        float(np.mean([(pred[labels == c] == c).mean() for c in present])) if present else None
+    )
+    aucs = []
+    for c, name in enumerate(classes):
+        y = labels == c
+        if _defined(y):
+            m[f"auc_{name}"] = float(skm.roc_auc_score(y, probs[:, c]))
+            m[f"auc_sens_80_{name}"] = auc_above_sensitivity(y, probs[:, c], 0.8)
+            m[f"ap_{name}"] = float(skm.average_precision_score(y, probs[:, c]))
+            aucs.append(m[f"auc_{name}"])
+        else:
+            m[f"auc_{name}"] = m[f"auc_sens_80_{name}"] = m[f"ap_{name}"] = None
+            why = "no samples" if not y.any() else "only samples"
+            notes.append(f"auc_{name} undefined: {why} of class {name!r}")
+        m[f"sens_{name}"], m[f"spec_{name}"] = _sens_spec(y, pred == c)
+    m["auc_macro"] = float(np.mean(aucs)) if aucs else None
+    m["isic2017_score"] = isic2017_score(m)
+    if m["isic2017_score"] is None and all(c in classes for c in ISIC2017_CLASSES):
+        notes.append("isic2017_score undefined: a melanoma or seborrheic_keratosis AUC is undefined")
+    if thresholds:
+        for c, name in enumerate(classes):
+            t = thresholds.get(name)
+            m[f"threshold_{name}"] = t
+            if t is None:
+                m[f"sens_thr_{name}"] = m[f"spec_thr_{name}"] = None
+                continue
+            m[f"sens_thr_{name}"], m[f"spec_thr_{name}"] = _sens_spec(labels == c, probs[:, c] >= t)
+    m["confusion_matrix"] = skm.confusion_matrix(labels, pred, labels=range(len(classes))).tolist()
+    if labels.size:
+        eps = 1e-12
+        m["nll"] = float(-np.log(np.clip(probs[np.arange(labels.size), labels], eps, 1.0)).mean())
+        m["brier"] = float(((probs - np.eye(len(classes))[labels]) ** 2).sum(axis=1).mean())
+        m["ece"] = expected_calibration_error(labels, probs)
+    m["notes"] = notes
+    return m
+
+
+def isic2017_score(m: dict) -> float | None:
+    """ISIC 2017 Part 3 ranking score: mean of the melanoma and seborrheic keratosis AUCs."""
+    aucs = [m.get(f"auc_{c}") for c in ISIC2017_CLASSES]
+    return float(np.mean(aucs)) if all(a is not None for a in aucs) else None
+
+
+def reliability_bins(labels, probs, n_bins: int = 10) -> dict:
+    """Top-label calibration per equal-width confidence bin: mean confidence, accuracy, count."""
+    labels = np.asarray(labels).ravel()
+    probs = np.asarray(probs, dtype=np.float64)
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    idx = np.clip(np.digitize(conf, np.linspace(0, 1, n_bins + 1)[1:-1], right=True), 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.bincount(idx, weights=conf, minlength=n_bins) / count
+        accuracy = np.bincount(idx, weights=(pred == labels).astype(float), minlength=n_bins) / count
+    return {"edges": np.linspace(0, 1, n_bins + 1), "confidence": confidence, "accuracy": accuracy,
+            "count": count}
+
+
+def expected_calibration_error(labels, probs, n_bins: int = 10) -> float:
+    b = reliability_bins(labels, probs, n_bins)
+    used = b["count"] > 0
+    gap = np.abs(b["accuracy"][used] - b["confidence"][used])
+    return float((gap * b["count"][used]).sum() / b["count"].sum())
+
+
+def _rank_auc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Row-wise Mann-Whitney AUC (ties count one half, identical to roc_auc_score); NaN if undefined."""
+    n_pos = y.sum(axis=1)
+    n_neg = y.shape[1] - n_pos
+    ranks = stats.rankdata(scores, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def bootstrap_ci(labels, probs, classes, n: int = 1000, seed: int = 0, level: float = 0.95,
+                 chunk: int = 100) -> dict:
+    """Percentile bootstrap CIs (resampling images with replacement) for each AUC and the ISIC score.
+
+    Returns {metric: [low, high] or None}; resamples where a class is missing or universal are left
+    out of that metric's interval (`n_valid_<metric>` says how many were used).
+    """
+    labels, probs = _as_arrays(labels, probs, classes)
+    rng = np.random.default_rng(seed)
+    draws = {f"auc_{name}": [] for name in classes}
+    for start in range(0, n, chunk):
+        idx = rng.integers(0, labels.size, size=(min(chunk, n - start), labels.size))
+        for c, name in enumerate(classes):
+            draws[f"auc_{name}"].append(_rank_auc(labels[idx] == c, probs[idx, c]))
+    draws = {k: np.concatenate(v) for k, v in draws.items()}
+    if all(c in classes for c in ISIC2017_CLASSES):
+        draws["isic2017_score"] = (draws["auc_melanoma"] + draws["auc_seborrheic_keratosis"]) / 2
+    tail = (1 - level) / 2 * 100
+    out: dict = {"n_boot": n, "level": level, "seed": seed}
+    for k, v in draws.items():
+        v = v[np.isfinite(v)]
+        out[k] = [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] if v.size else None
+        out[f"n_valid_{k}"] = int(v.size)
+    return out
+
+
+def softmax_views(logits, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities from logits [N, C] or per-TTA-view logits [N, V, C]: softmax(logits / T), then
+    the mean over views (TTA averages probabilities, not logits)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    p = special.softmax(logits / temperature, axis=-1)
+    return p.mean(axis=1) if p.ndim == 3 else p
+
+
+def fit_temperature(logits, labels) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T).
+
+    L-BFGS-B over log T (so T stays positive) with the analytic gradient; fit on validation logits.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if z.ndim != 2 or z.shape[0] != y.size or y.size == 0:
+        raise ValueError(f"fit_temperature needs logits [N, C] and N labels, got {z.shape} and {y.size}")
+    rows = np.arange(y.size)
+
+    def nll(log_t: np.ndarray) -> tuple[float, np.ndarray]:
+        t = float(np.exp(log_t[0]))
+        s = z / t
+        lse = special.logsumexp(s, axis=1)
+        p = np.exp(s - lse[:, None])
+        loss = float((lse - s[rows, y]).mean())
+        # d loss / d log t = -(1/t) * mean(E_p[z] - z_y)
+        grad = -float(((p * z).sum(axis=1) - z[rows, y]).mean()) / t
+        return loss, np.array([grad])
+
+    res = optimize.minimize(nll, x0=np.zeros(1), jac=True, method="L-BFGS-B", bounds=[(-5.0, 5.0)])
+    return float(np.exp(res.x[0]))

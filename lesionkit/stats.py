@@ -1,0 +1,105 @@
+"""`lesionkit stats`: class distribution of packed shard folders, read from their manifests; `--verify`
+re-hashes every shard against the manifest (size + sha256) to catch truncated copies or bit rot
+before a long training run does.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from lesionkit.pack import FORMAT_VERSION, sha256_file
+
+
+class StatsError(ValueError):
+    """A missing, unreadable or inconsistent manifest; the message names the folder."""
+
+
+def load_manifest(folder: str | Path) -> dict:
+    """manifest.json of a shard folder, with its format version checked."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise StatsError(f"{folder}: no manifest.json (not a folder written by `lesionkit pack`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StatsError(f"{path}: unreadable manifest: {e}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StatsError(f"{path}: format_version {manifest.get('format_version')!r} is not "
+                         f"{FORMAT_VERSION}; repack with this lesionkit")
+    return manifest
+
+
+def class_table(folders: list[str | Path]) -> str:
+    """Counts and percentages per class: one column per folder, plus a total column when several."""
+    manifests = [load_manifest(f) for f in folders]
+    classes = manifests[0]["classes"]
+    for folder, m in zip(folders[1:], manifests[1:]):
+        if m["classes"] != classes:
+            raise StatsError(f"{folder}: classes {m['classes']} differ from {classes} in {folders[0]}")
+    names = [Path(f).name or str(f) for f in folders]
+    if len(set(names)) < len(names):
+        names = [str(f) for f in folders]
+    columns = [(name, m["counts"], m["num_samples"]) for name, m in zip(names, manifests)]
+    if len(manifests) > 1:
+        total = {c: sum(m["counts"][c] for m in manifests) for c in classes}
+        columns.append(("total", total, sum(total.values())))
+
+    def cell(n: int, of: int) -> str:
+        return f"{n} ({100 * n / of:.1f}%)" if of else "0"
+
+    rows = [["class"] + [name for name, _, _ in columns]]
+    rows += [[c] + [cell(counts[c], n) for _, counts, n in columns] for c in classes]
+    rows.append(["total"] + [str(n) for _, _, n in columns])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    )
+
+
+def verify(folder: str | Path) -> list[str]:
+    """Problems found re-hashing the shards of one folder ([] when every shard matches its manifest)."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    problems = []
+    for shard in manifest["shards"]:
+        path = folder / shard["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            problems.append(f"{path}: {size} bytes, manifest says {shard['bytes']}")
+        elif sha256_file(path) != shard["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (corrupted)")
+    if sum(s["num_samples"] for s in manifest["shards"]) != manifest["num_samples"]:
+        problems.append(f"{folder}/manifest.json: shard sample counts do not add up to num_samples")
+    return problems
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="shard folder(s) written by `lesionkit pack`")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash every shard and compare size + sha256 with the manifest")
+
+
+def run(args) -> int:
+    try:
+        print(class_table(args.dirs))
+        if not args.verify:
+            return 0
+        problems = []
+        for folder in args.dirs:
+            found = verify(folder)
+            problems += found
+            if not found:
+                n = len(load_manifest(folder)["shards"])
+                print(f"verified {folder}: {n} shard(s) match the manifest")
+    except StatsError as e:
+        raise SystemExit(f"lesionkit stats: error: {e}") from None
+    if problems:
+        print(f"lesionkit stats: error: {len(problems)} shard problem(s):\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,53 @@
+"""Shared test helpers: tiny shard folders in the contract's format, written with webdataset directly."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASSES = ["nevus", "melanoma", "seborrheic_keratosis"]
+
+
+def make_shards(folder, n: int, num_shards: int, size: int = 32, classes=CLASSES, labels=None,
+                corrupt=(), prefix: str = "ISIC_", seed: int = 0) -> dict:
+    """Write `n` samples into `num_shards` nearly equal shards + manifest.json; return the manifest.
+
+    Images are `size` x `size * 5 // 4` (shorter side = size, like pack output), labels round-robin
+    over `classes` unless given; sample indices in `corrupt` get bytes that are not a JPEG.
+    """
+    import webdataset as wds
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = [i % len(classes) for i in range(n)] if labels is None else list(labels)
+    shards = []
+    for s, idx in enumerate(np.array_split(np.arange(n), num_shards)):
+        name = f"shard-{s:06d}.tar"
+        counts = dict.fromkeys(classes, 0)
+        with wds.TarWriter(str(folder / name)) as sink:
+            for i in idx.tolist():
+                key, label = f"{prefix}{i:07d}", labels[i]
+                pixels = rng.integers(0, 256, (size, size * 5 // 4, 3), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+                jpeg = b"not a jpeg" if i in corrupt else buf.getvalue()
+                info = {"id": key, "label": label, "label_name": classes[label], "width": size * 5 // 4,
+                        "height": size, "meta": {}}
+                sink.write({"__key__": key, "jpg": jpeg, "cls": str(label).encode("ascii"),
+                            "json": json.dumps(info).encode("utf-8")})
+                counts[classes[label]] += 1
+        data = (folder / name).read_bytes()
+        shards.append({"name": name, "num_samples": len(idx), "bytes": len(data),
+                       "sha256": hashlib.sha256(data).hexdigest(), "counts": counts})
+    totals = {c: sum(sh["counts"][c] for sh in shards) for c in classes}
+    manifest = {"format_version": 1, "lesionkit_version": "0.1.0", "classes": list(classes), "num_samples": n,
+                "counts": totals, "shards": shards,
+                "params": {"size": size, "quality": 90, "shard_size": -(-n // num_shards), "seed": seed},
+                "sources": {"images": "synthetic", "labels": "synthetic", "metadata": None}, "skipped": []}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,196 @@
+"""The training entry point as users run it: single process, 2-process CPU DDP, resume, W&B offline."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.wandb_log import logged
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "lesionkit" / "train.py"
+VENV_BIN = Path(sys.executable).parent
+
+# Small enough for seconds per epoch on 2 cores; step scheduler so the LR visibly changes every epoch.
+TINY = ["--model", "customnet", "--image-size", "32", "--batch-size", "16", "--workers", "1",
+        "--optimizer", "sgd", "--lr", "0.05", "--scheduler", "step", "--step-size", "1", "--gamma", "0.5",
+        "--augment", "light", "--no-wandb", "--mixed-precision", "no"]
+
+
+def env():
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    e.pop("WANDB_API_KEY", None)
+    return e
+
+
+def train(out, shards, *extra, procs=1, timeout=240, check=True):
+    data = ["--train", str(shards["train"]), "--val", str(shards["val"]), "--output-dir", str(out)]
+    if procs == 1:
+        cmd = [sys.executable, str(TRAIN)]
+    else:
+        cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(procs),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(TRAIN)]
+    e = env()
+    if procs > 1:
+        e["ACCELERATE_USE_CPU"] = "1"
+    res = subprocess.run(cmd + TINY + data + list(extra), capture_output=True, text=True, timeout=timeout,
+                         env=e, cwd=REPO)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def history(out) -> list[dict]:
+    return torch.load(Path(out) / "last" / "trainer.pt", weights_only=True)["loop"]["history"]
+
+
+def final_weights(out) -> dict:
+    return torch.load(Path(out) / "last" / "model.pt", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_shards):
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(out, tiny_shards, "--epochs", "3")
+    return out
+
+
+def test_single_process_run_writes_checkpoints_and_metrics(single):
+    status = json.loads((single / "status.json").read_text())
+    assert status == {"status": "completed", "epoch": 3, "step": 0, "best": status["best"]}
+    assert json.loads((single / "world.json").read_text())["world_size"] == 1
+    for link in ("last", "best"):
+        ckpt = (single / link).resolve()
+        assert {"model.pt", "config.yaml", "info.json", "trainer.pt"} <= {p.name for p in ckpt.iterdir()}
+    info = json.loads((single / "last" / "info.json").read_text())
+    assert info["classes"] == ["nevus", "melanoma", "seborrheic_keratosis"] and info["epoch"] == 3
+    metrics = json.loads((single / "metrics.json").read_text())
+    assert 0.0 <= metrics["isic2017_score"] <= 1.0 and metrics["epoch"] == 3
+    assert [row["lr"] for row in history(single)] == pytest.approx([0.05, 0.025, 0.0125])
+    # only the last and best checkpoints are kept
+    assert len(list((single / "checkpoints").iterdir())) <= 2
+
+
+def test_two_process_ddp_agrees_with_single_process(tmp_path, tiny_shards, single):
+    out = tmp_path / "ddp"
+    train(out, tiny_shards, "--epochs", "3", procs=2)
+    world = json.loads((out / "world.json").read_text())
+    assert world["world_size"] == 2
+    assert len(world["weights_sha256"]) == 2 and len(set(world["weights_sha256"])) == 1
+    assert [r["lr"] for r in history(out)] == [r["lr"] for r in history(single)]
+
+    # validation metrics of the 2-rank run equal a single-process evaluation of the same checkpoint
+    from lesionkit.augment import build_augment
+    from lesionkit.checkpoint import load_inference_model
+    from lesionkit.data import eval_loader
+    from lesionkit.metrics import compute_metrics
+
+    model, info = load_inference_model(out / "best")
+    prep = build_augment("none", info["image_size"], info["mean"], info["std"]).eval()
+    ys, ps = [], []
+    with torch.no_grad():
+        for images, y, _ in eval_loader([tiny_shards["val"]], image_size=32, batch_size=16, workers=0,
+                                        rank=0, world_size=1):
+            ps.append(model(prep(images)).softmax(1))
+            ys.append(y)
+    mine = compute_metrics(torch.cat(ys).numpy(), torch.cat(ps).double().numpy(), info["classes"])
+    for key in ("auc_nevus", "auc_melanoma", "auc_seborrheic_keratosis", "isic2017_score", "accuracy"):
+        assert mine[key] == pytest.approx(info["metrics"][key], abs=1e-6), key
+
+
+def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path, tiny_shards):
+    out = tmp_path / "early"
+    # lr 0: the score never improves after epoch 1, so patience 1 stops after epoch 2 (of 6)
+    res = train(out, tiny_shards, "--epochs", "6", "--lr", "0", "--early-stop-patience", "1", procs=2)
+    assert "early stopping at epoch 2" in res.stdout
+    assert json.loads((out / "status.json").read_text())["epoch"] == 2
+    assert len(set(json.loads((out / "world.json").read_text())["weights_sha256"])) == 1
+
+
+def test_resume_from_last_reproduces_the_uninterrupted_run(tmp_path, tiny_shards, single):
+    out = tmp_path / "resumed"
+    train(out, tiny_shards, "--epochs", "2")
+    res = train(out, tiny_shards, "--epochs", "3", "--resume")
+    assert "resumed from" in res.stdout
+    assert_same_weights(final_weights(out), final_weights(single))
+    assert [r["epoch"] for r in history(out)] == [1, 2, 3]
+
+
+def test_sigusr1_checkpoints_mid_epoch_and_resume_matches(tmp_path, tiny_shards, single):
+    out = tmp_path / "preempted"
+    data = ["--train", str(tiny_shards["train"]), "--val", str(tiny_shards["val"]), "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *TINY, *data, "--epochs", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO)
+    deadline = time.time() + 120
+    while not (out / "last").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, text[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "preempted" and "stop requested" in text
+    train(out, tiny_shards, "--epochs", "3", "--resume")
+    assert json.loads((out / "status.json").read_text())["status"] == "completed"
+    assert [r["epoch"] for r in history(out)] == [1, 2, 3]
+    assert_same_weights(final_weights(out), final_weights(single))
+
+
+def test_wandb_offline_run_file_holds_config_and_epoch_metrics(tmp_path, tiny_shards):
+    out = tmp_path / "wb"
+    res = train(out, tiny_shards, "--epochs", "2", "--wandb", "--run-name", "t")
+    assert "wandb sync" in res.stdout
+    files = list(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, list(out.rglob("*"))
+    config, rows = logged(files[0])
+    assert config["model"] == "customnet" and config["epochs"] == 2 and config["image_size"] == 32
+    epochs = [r for r in rows if "val/isic2017_score" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all(0 <= r["val/auc_melanoma"] <= 1 for r in epochs)
+    assert not any("WANDB_API_KEY" in str(v) for v in config.values())
+
+
+def test_bad_config_fails_before_training_with_valid_choices(tmp_path, tiny_shards):
+    res = train(tmp_path / "x", tiny_shards, "--model", "resnet9000", check=False)
+    assert res.returncode == 2 and "resnet9000" in res.stderr and "customnet" in res.stderr
+    res = train(tmp_path / "x", tiny_shards, "--optimizer", "lamb", check=False)
+    assert res.returncode == 2 and "sgd" in res.stderr
+    res = train(tmp_path / "x", tiny_shards, "--val", str(tmp_path / "nowhere"), check=False)
+    assert res.returncode == 2 and "nowhere" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    """160 train / 60 val synthetic images at 40 px in 8 + 3 shards (2 ranks x 1 worker fit)."""
+    from lesionkit.pack import pack
+    from lesionkit.synth import synthesize
+
+    root = tmp_path_factory.mktemp("tiny")
+    synthesize(root / "raw", n_train=160, n_val=60, size=40, seed=1)
+    out = {}
+    for split, name in (("train", "Training"), ("val", "Validation")):
+        out[split] = pack(images=root / "raw" / f"ISIC-2017_{name}_Data",
+                          labels=root / "raw" / f"ISIC-2017_{name}_Part3_GroundTruth.csv",
+                          out=root / split, size=40, shard_size=20, workers=1) and root / split
+    return out
