@@ -25,7 +25,7 @@ Presets (p = per-sample probability; ranges are uniform):
 | elastic   | 0    | 0     | .25, alpha .03, 5x5 grid                     | .35, alpha .04                  |
 | hair      | 0    | 0     | .15, 1-6 strands, width 1-2 px               | .3, 1-10 strands, width 1-3 px  |
 | color     | 0    | 0     | .8, bright .2, contrast .2, sat .2, hue .05  | .9, .3, .3, .3, hue .1          |
-| equalize  | 0    | 0     | .1                                           | .2                              |
+| equalize  | 0    | 0     | .1, blended 50 % with the original           | .2                              |
 | noise     | 0    | 0     | .2, std up to .03                            | .3, std up to .05               |
 | grayscale | 0    | 0     | .05                                          | .1                              |
 
@@ -35,7 +35,8 @@ resample) -> hair -> color -> equalize -> grayscale -> noise -> clamp to [0, 1] 
 
 Overrides: one scheme, by op name, each a mapping of that op's parameters (see `OP_PARAMS`):
 `build_augment("derm", 224, mean, std, elastic={"p": 0.0}, color={"hue": 0.02})`; in a recipe
-`augment_overrides: {elastic: {p: 0.0}}`. Unknown ops or parameters raise ValueError listing the valid ones.
+`augment_overrides: {elastic: {p: 0.0}}`. Unknown ops or parameters raise ValueError listing the valid ones
+(TypeError when an op's value is not a mapping).
 
 Reproducibility: `forward(x, seed=s)` gives the same output for the same batch and seed. A module built
 with `seed=` draws its k-th train batch from a stream keyed by (seed, loader worker seed, k), so reruns
@@ -64,7 +65,7 @@ OP_PARAMS: dict[str, dict] = {
     "elastic": {"p": 0.0, "alpha": 0.03, "grid": 5},
     "hair": {"p": 0.0, "max_hairs": 6, "max_width": 2},
     "color": {"p": 0.0, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.05},
-    "equalize": {"p": 0.0},
+    "equalize": {"p": 0.0, "strength": 0.5},
     "grayscale": {"p": 0.0},
     "noise": {"p": 0.0, "std": 0.03},
 }
@@ -102,7 +103,7 @@ def preset_params(preset: str, **overrides) -> dict[str, dict]:
             if op not in params:
                 raise ValueError(f"unknown augmentation op {op!r}; valid ops: {', '.join(OP_PARAMS)}")
             if not isinstance(values, dict):
-                raise ValueError(f"augmentation op {op!r}: expected a mapping like {{p: 0.5}}, got {values!r}")
+                raise TypeError(f"augmentation op {op!r}: expected a mapping like {{p: 0.5}}, got {values!r}")
             unknown = sorted(set(values) - set(params[op]))
             if unknown:
                 raise ValueError(f"augmentation op {op!r}: unknown parameter(s) {', '.join(unknown)}; "
@@ -129,6 +130,15 @@ def _gate(batch: int, p: float) -> torch.Tensor | None:
         return None
     mask = torch.rand(batch) < p
     return mask if bool(mask.any()) else None
+
+
+def _apply(x: torch.Tensor, sel: torch.Tensor, fn) -> torch.Tensor:
+    """x with fn applied to the selected samples; skips the gather/scatter when all are selected."""
+    if bool(sel.all()):
+        return fn(x)
+    sel = sel.to(x.device)
+    x[sel] = fn(x[sel])
+    return x
 
 
 def _uniform(n: int, low: float, high: float) -> torch.Tensor:
@@ -184,11 +194,15 @@ class Augment(nn.Module):
     def forward(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"augment expects a batch [B,3,H,W], got shape {tuple(x.shape)}")
+        fresh = x.dtype != torch.float32  # converting copies; otherwise x is the caller's tensor
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         if self.color_constancy is not None:
-            x = self.color_constancy(x)
+            x, fresh = self.color_constancy(x), True
         if not self.training or all(v["p"] <= 0 for v in self.params.values()):
-            return self._normalize(resize_center(x, self.image_size))
+            x = resize_center(x, self.image_size)
+            return self._normalize(x if fresh else x.clone())
+        if not fresh:
+            x = x.clone()  # the random ops below write in place
         seed = self._stream_seed(seed)
         if seed is None:
             return self._normalize(self._random(x))
@@ -209,56 +223,51 @@ class Augment(nn.Module):
         return seed
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.clamp(0.0, 1.0)  # noise/colour ops leave [0, 1]; the model expects the normalized unit range
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        """In place (x is ours): big CPU allocations cost page faults. Noise/colour ops leave [0, 1],
+        so clamp first; the model expects the normalized unit range."""
+        return x.clamp_(0.0, 1.0).sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
     def _random(self, x: torch.Tensor) -> torch.Tensor:
+        """The train-mode ops on a float [0, 1] batch this module owns (written in place where possible)."""
         x = self._geometry(x)
         x = self._hair(x)
         x = self._color(x)
         P, B = self.params, x.shape[0]
-        idx = _gate(B, P["equalize"]["p"])
-        if idx is not None:
-            x = x.clone()
-            x[idx.to(x.device)] = kornia.enhance.equalize(x[idx.to(x.device)].clamp(0.0, 1.0))
-        idx = _gate(B, P["grayscale"]["p"])
-        if idx is not None:
-            x = x.clone()
-            sel = idx.to(x.device)
-            x[sel] = kornia.color.rgb_to_grayscale(x[sel]).expand(-1, 3, -1, -1)
-        idx = _gate(B, P["noise"]["p"])
-        if idx is not None:
-            std = (torch.rand(B) * P["noise"]["std"] * idx).to(x.device).view(B, 1, 1, 1)
-            x = x + torch.randn_like(x) * std
+        if (sel := _gate(B, P["equalize"]["p"])) is not None:
+            k = float(P["equalize"]["strength"])  # blend: full equalization blows up flat, low-contrast skin
+            x = _apply(x, sel, lambda v: torch.lerp(v, kornia.enhance.equalize(v.clamp_(0.0, 1.0)), k))
+        if (sel := _gate(B, P["grayscale"]["p"])) is not None:
+            x = _apply(x, sel, lambda v: kornia.color.rgb_to_grayscale(v).repeat(1, 3, 1, 1))
+        if (sel := _gate(B, P["noise"]["p"])) is not None:
+            std = (torch.rand(int(sel.sum())) * P["noise"]["std"]).to(x.device).view(-1, 1, 1, 1)
+            x = _apply(x, sel, lambda v: v.add_(torch.randn_like(v).mul_(std)))
         return x
 
-    # ---- geometry: every op is a per-sample map from output to input coordinates, applied once -----
+    # ---- geometry: crop/affine/rotate are per-sample 2x3 maps from output to input coordinates, composed
+    # and applied with one grid_sample (plus the elastic field); flips and rot90 are exact index ops after.
     def _geometry(self, x: torch.Tensor) -> torch.Tensor:
         P, B, S = self.params, x.shape[0], self.image_size
         A = torch.eye(2).repeat(B, 1, 1)  # input = A @ output + b, in coords where the short side spans [-1, 1]
         b = torch.zeros(B, 2)
-        touched = False
+        warped = False
 
-        def compose(sel, stage_A, stage_b=None):
-            # The new stage is applied after the previous ones on the way from output to input.
-            nonlocal A, b, touched
-            touched = True
-            eye = torch.eye(2).expand(B, 2, 2)
-            stage_A = torch.where(sel.view(B, 1, 1), stage_A, eye)
-            A = stage_A @ A
-            b = (stage_A @ b.unsqueeze(-1)).squeeze(-1)
-            if stage_b is not None:
-                b = b + stage_b * sel.view(B, 1)
+        def compose(sel, stage_A, stage_b, first=False):
+            # A stage maps output-side coords to input-side coords; by default it goes after (nearer the
+            # input than) the stages so far, with first=True before them (nearer the output).
+            nonlocal A, b, warped
+            warped = True
+            stage_A = torch.where(sel.view(B, 1, 1), stage_A, torch.eye(2).expand(B, 2, 2))
+            stage_b = stage_b * sel.view(B, 1)
+            if first:
+                A, b = A @ stage_A, b + (A @ stage_b.unsqueeze(-1)).squeeze(-1)
+            else:
+                A, b = stage_A @ A, (stage_A @ b.unsqueeze(-1)).squeeze(-1) + stage_b
 
-        if (sel := _gate(B, P["hflip"]["p"])) is not None:
-            compose(sel, torch.diag(torch.tensor([-1.0, 1.0])).expand(B, 2, 2))
-        if (sel := _gate(B, P["vflip"]["p"])) is not None:
-            compose(sel, torch.diag(torch.tensor([1.0, -1.0])).expand(B, 2, 2))
-        if (sel := _gate(B, P["rot90"]["p"])) is not None:
-            compose(sel, _rotation(torch.randint(1, 4, (B,)).float() * (math.pi / 2)))
+        flips = {op: _gate(B, P[op]["p"]) for op in ("hflip", "vflip", "rot90")}
+        turns = torch.randint(1, 4, (B,))
         if (sel := _gate(B, P["rotate"]["p"])) is not None:
             deg = float(P["rotate"]["degrees"])
-            compose(sel, _rotation(_uniform(B, -deg, deg) * (math.pi / 180)))
+            compose(sel, _rotation(_uniform(B, -deg, deg) * (math.pi / 180)), torch.zeros(B, 2))
         if (sel := _gate(B, P["affine"]["p"])) is not None:
             lo, hi = P["affine"]["scale"]
             zoom = 1.0 / _uniform(B, lo, hi)
@@ -276,26 +285,41 @@ class Augment(nn.Module):
         if (sel := _gate(B, P["elastic"]["p"])) is not None:
             g = int(P["elastic"]["grid"])
             coarse = torch.randn(B, 2, g, g) * (2 * float(P["elastic"]["alpha"])) * sel.view(B, 1, 1, 1)
-            disp = coarse.to(x.device)
-            touched = True
-        if not touched:
-            return resize_center(x, S)
+            # A smooth random field: coarse Gaussian offsets, bicubic to 1/8 size, then bilinear to full size
+            # (a cheap stand-in for Gaussian-blurring full-resolution noise).
+            disp = F.interpolate(coarse, size=(max(S // 8, g), max(S // 8, g)), mode="bicubic", align_corners=True)
+            warped = True
 
-        h, w = x.shape[-2:]
-        if min(h, w) > S:  # sample from an antialiased copy, not the full-resolution image
-            x = kornia.geometry.transform.resize(x, S, side="short", antialias=True)
+        if warped:  # flips and rot90 fold into the same map (the first stages from the output side)
+            for op, flip in (("hflip", [-1.0, 1.0]), ("vflip", [1.0, -1.0])):
+                if flips[op] is not None:
+                    compose(flips[op], torch.diag(torch.tensor(flip)).expand(B, 2, 2), torch.zeros(B, 2),
+                            first=True)
+            if flips["rot90"] is not None:
+                compose(flips["rot90"], _rotation(turns.float() * (math.pi / 2)), torch.zeros(B, 2), first=True)
             h, w = x.shape[-2:]
-        lin = (torch.arange(S, device=x.device, dtype=torch.float32) * 2 + 1) / S - 1
-        grid = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), dim=-1).expand(B, S, S, 2)
-        if disp is not None:
-            # A smooth random field: coarse Gaussian offsets upsampled (cheap stand-in for blurring noise).
-            disp = F.interpolate(disp, size=(S, S), mode="bicubic", align_corners=True)
-            grid = grid + disp.permute(0, 2, 3, 1)
-        A, b = A.to(x.device), b.to(x.device)
-        grid = torch.einsum("bhwk,bjk->bhwj", grid, A) + b.view(B, 1, 1, 2)
-        short = min(h, w)
-        grid = grid * torch.tensor([short / w, short / h], device=x.device)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            if min(h, w) > S:  # sample from an antialiased copy, not the full-resolution image
+                x = kornia.geometry.transform.resize(x, S, side="short", antialias=True)
+                h, w = x.shape[-2:]
+            short = min(h, w)
+            theta = torch.cat([A, b.unsqueeze(-1)], -1) * torch.tensor([short / w, short / h]).view(1, 2, 1)
+            grid = _affine_grid(theta.to(x.device), S)  # F.affine_grid's bmm is 4x slower on CPU
+            if disp is not None:
+                grid += F.interpolate(disp.to(x.device), size=(S, S), mode="bilinear", align_corners=True)
+            # Outside the image is black, like a dermatoscope's vignette ("reflection" mirrors lesions that
+            # touch the border into ghost lesions).
+            return F.grid_sample(x, grid.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros",
+                                 align_corners=False)
+
+        x = resize_center(x, S)  # no resampling: flips and rot90 as exact index ops
+        for op, dims in (("hflip", (-1,)), ("vflip", (-2,))):
+            if flips[op] is not None:
+                x = _apply(x, flips[op], lambda v, dims=dims: v.flip(dims))
+        if flips["rot90"] is not None:
+            for k in (1, 2, 3):
+                if bool((pick := flips["rot90"] & (turns == k)).any()):
+                    x = _apply(x, pick, lambda v, k=k: torch.rot90(v, k, dims=(-2, -1)))
+        return x
 
     # ---- synthetic hair: thin dark quadratic Bezier strands, splatted into a mask for the whole batch --
     def _hair(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,10 +357,8 @@ class Augment(nn.Module):
         mask[flat[inside]] = values[inside]
         mask = mask.view(n, 1, S, S)
         mask = torch.maximum(mask, 0.5 * F.avg_pool2d(mask, 3, 1, 1))  # soft edge
-        idx = idx.to(dev)
-        x = x.clone()
-        x[idx] = x[idx] * (1 - mask) + colour.to(dev).view(n, 3, 1, 1) * mask
-        return x
+        colour = colour.to(dev).view(n, 3, 1, 1)
+        return _apply(x, sel, lambda v: v.mul_(1 - mask).add_(colour * mask))
 
     # ---- colour jitter as one per-sample affine colour transform ---------------------------------
     def _color(self, x: torch.Tensor) -> torch.Tensor:
@@ -351,11 +373,25 @@ class Augment(nn.Module):
         luma = torch.tensor(_LUMA)
         saturation = sat.view(B, 1, 1) * torch.eye(3) + (1 - sat).view(B, 1, 1) * luma.view(1, 1, 3)
         matrix = _hue_rotation(hue) @ saturation * (bright * contrast).view(B, 1, 1)
-        matrix = torch.where(sel.view(B, 1, 1), matrix, torch.eye(3))
-        # contrast blends towards the image's mean grey; grey is a fixed point of hue and saturation
-        grey_mean = (x * luma.to(x.device).view(1, 3, 1, 1)).sum(1).mean((-2, -1))  # [B]
-        offset = ((1 - contrast) * bright * sel).to(x.device) * grey_mean
-        return torch.einsum("bij,bjhw->bihw", matrix.to(x.device), x) + offset.view(B, 1, 1, 1)
+        matrix, offset_scale = matrix[sel].to(x.device), ((1 - contrast) * bright)[sel].to(x.device)
+
+        def jitter(v):
+            # contrast blends towards the image's mean grey; grey is a fixed point of hue and saturation
+            grey_mean = torch.einsum("c,bchw->b", luma.to(v.device), v) / (v.shape[-1] * v.shape[-2])
+            out = torch.einsum("bij,bjhw->bihw", matrix, v)
+            return out.add_((offset_scale * grey_mean).view(-1, 1, 1, 1))
+
+        return _apply(x, sel, jitter)
+
+
+def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """`F.affine_grid(theta, [B, C, size, size], align_corners=False)` by broadcasting, channels first:
+    [B, 2, size, size] (x, y)."""
+    lin = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1
+    xs, ys = lin.view(1, 1, size), lin.view(1, size, 1)
+    t = theta[..., None, None]  # [B,2,3,1,1]
+    grid = t[:, :, 0] * xs + t[:, :, 1] * ys + t[:, :, 2]  # [B,2,S,S]
+    return grid
 
 
 def _rotation(theta: torch.Tensor) -> torch.Tensor:

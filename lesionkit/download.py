@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 BASE_URL = "https://isic-challenge-data.s3.amazonaws.com/2017/"
@@ -131,7 +132,7 @@ def unpack(archive: str | Path, root: str | Path) -> None:
             if target.exists():  # left by an earlier interrupted unpack (no marker was written)
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             entry.rename(target)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         archive.unlink(missing_ok=True)
         raise DownloadError(f"{archive}: corrupt zip ({e}); deleted it, run the command again") from None
     finally:

@@ -7,7 +7,9 @@ fine-tuning helpers (`head_parameters`, `freeze_backbone`) and partial weight lo
 from __future__ import annotations
 
 import logging
+import pickle
 import re
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -227,7 +229,7 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors of many types: any means "not a torch weights file"
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: cannot be read as PyTorch weights ({type(e).__name__}: {e})") from None
     state = _unwrap_state(obj, path)
     if any(k.startswith("_blocks.") for k in state) and hasattr(model, "blocks"):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 from lesionkit import __version__
 from lesionkit.ingest import IngestError, collect, name_some
@@ -151,26 +152,31 @@ def _write_shards(folder: Path, samples, classes: list[str], shard_size: int, sk
         record.update(bytes=path.stat().st_size, sha256=sha256_file(path))
         shards.append(record)
 
-    for sample_id, jpeg, width, height, error, label, meta in samples:
-        progress.update(1)
-        if error is not None:
-            if not skip_bad:
-                raise PackError(f"sample {sample_id}: {error} (pass --skip-bad to leave it out)")
-            skipped.append({"id": sample_id, "reason": error})
-            continue
-        if writer is None:
-            record = {"name": SHARD_NAME.format(len(shards)), "num_samples": 0,
-                      "counts": dict.fromkeys(classes, 0)}
-            writer = wds.TarWriter(str(folder / record["name"]), mtime=TAR_MTIME)
-        info = {"id": sample_id, "label": label, "label_name": classes[label],
-                "width": width, "height": height, "meta": meta}
-        writer.write({"__key__": sample_id, "jpg": jpeg, "cls": str(label).encode("ascii"),
-                      "json": json.dumps(info, ensure_ascii=False).encode("utf-8")})
-        record["num_samples"] += 1
-        record["counts"][classes[label]] += 1
-        if record["num_samples"] == shard_size:
-            close()
-            writer = None
+    try:
+        for sample_id, jpeg, width, height, error, label, meta in samples:
+            progress.update(1)
+            if error is not None:
+                if not skip_bad:
+                    raise PackError(f"sample {sample_id}: {error} (pass --skip-bad to leave it out)")
+                skipped.append({"id": sample_id, "reason": error})
+                continue
+            if writer is None:
+                record = {"name": SHARD_NAME.format(len(shards)), "num_samples": 0,
+                          "counts": dict.fromkeys(classes, 0)}
+                writer = wds.TarWriter(str(folder / record["name"]), mtime=TAR_MTIME)
+            info = {"id": sample_id, "label": label, "label_name": classes[label],
+                    "width": width, "height": height, "meta": meta}
+            writer.write({"__key__": sample_id, "jpg": jpeg, "cls": str(label).encode("ascii"),
+                          "json": json.dumps(info, ensure_ascii=False).encode("utf-8")})
+            record["num_samples"] += 1
+            record["counts"][classes[label]] += 1
+            if record["num_samples"] == shard_size:
+                close()
+                writer = None
+    except BaseException:
+        if writer is not None:
+            writer.close()  # release the file; the caller deletes the temp folder
+        raise
     if writer is not None:
         close()
     return shards
@@ -232,13 +238,12 @@ def pack(images: str | Path, labels: str | Path, out: str | Path, size: int = 25
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    from tqdm import tqdm
-
+    encoded = _encoded(list(zip(table["id"], table["path"])), size, quality, draft, workers)
     try:
         with tqdm(total=len(table), desc="pack", unit="img", disable=not progress) as bar:
-            stream = ((*r, *labels_by_id[r[0]]) for r in _encoded(
-                list(zip(table["id"], table["path"])), size, quality, draft, workers))
+            stream = ((*r, *labels_by_id[r[0]]) for r in encoded)
             shards = _write_shards(tmp, stream, classes, shard_size, skip_bad, skipped, bar)
+        encoded.close()
         if not shards:
             raise PackError(f"no samples left to pack ({len(skipped)} skipped)")
         counts = dict.fromkeys(classes, 0)
@@ -262,6 +267,7 @@ def pack(images: str | Path, labels: str | Path, out: str | Path, size: int = 25
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _replace(tmp, out)
     except BaseException:
+        encoded.close()  # stops the worker pool now, not whenever the generator is collected
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest

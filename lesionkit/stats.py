@@ -4,35 +4,20 @@ before a long training run does.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from lesionkit.pack import FORMAT_VERSION, sha256_file
+from lesionkit.data import read_manifest
+from lesionkit.pack import sha256_file
 
 
 class StatsError(ValueError):
-    """A missing, unreadable or inconsistent manifest; the message names the folder."""
-
-
-def load_manifest(folder: str | Path) -> dict:
-    """manifest.json of a shard folder, with its format version checked."""
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise StatsError(f"{folder}: no manifest.json (not a folder written by `lesionkit pack`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StatsError(f"{path}: unreadable manifest: {e}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StatsError(f"{path}: format_version {manifest.get('format_version')!r} is not "
-                         f"{FORMAT_VERSION}; repack with this lesionkit")
-    return manifest
+    """Shard folders that cannot be compared (different class lists); the message names the folder."""
 
 
 def class_table(folders: list[str | Path]) -> str:
     """Counts and percentages per class: one column per folder, plus a total column when several."""
-    manifests = [load_manifest(f) for f in folders]
+    manifests = [read_manifest(f) for f in folders]
     classes = manifests[0]["classes"]
     for folder, m in zip(folders[1:], manifests[1:]):
         if m["classes"] != classes:
@@ -61,7 +46,7 @@ def class_table(folders: list[str | Path]) -> str:
 def verify(folder: str | Path) -> list[str]:
     """Problems found re-hashing the shards of one folder ([] when every shard matches its manifest)."""
     folder = Path(folder)
-    manifest = load_manifest(folder)
+    manifest = read_manifest(folder)
     problems = []
     for shard in manifest["shards"]:
         path = folder / shard["name"]
@@ -94,9 +79,9 @@ def run(args) -> int:
             found = verify(folder)
             problems += found
             if not found:
-                n = len(load_manifest(folder)["shards"])
+                n = len(read_manifest(folder)["shards"])
                 print(f"verified {folder}: {n} shard(s) match the manifest")
-    except StatsError as e:
+    except (FileNotFoundError, ValueError) as e:  # read_manifest and StatsError explain themselves
         raise SystemExit(f"lesionkit stats: error: {e}") from None
     if problems:
         print(f"lesionkit stats: error: {len(problems)} shard problem(s):\n  " + "\n  ".join(problems),

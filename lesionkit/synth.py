@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from threadpoolctl import threadpool_limits
 
 CLASSES = ("nevus", "melanoma", "seborrheic_keratosis")
 ISIC2017_PRIORS = (0.69, 0.19, 0.12)
@@ -71,7 +72,7 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=64)
 def _upsampler(size: int, cells: int) -> np.ndarray:
-    """[size, cells+2] Gaussian interpolation weights, rows scaled to unit norm so the output has unit variance."""
+    """[size, cells+2] Gaussian interpolation weights; unit-norm rows give the output unit variance."""
     pixels = (np.arange(size) + 0.5) / size
     centres = (np.arange(cells + 2) - 0.5) / cells  # one cell of margin on each side: no edge fade
     w = np.exp(-0.5 * ((pixels[:, None] - centres[None, :]) * cells / 0.6) ** 2)
@@ -79,7 +80,7 @@ def _upsampler(size: int, cells: int) -> np.ndarray:
 
 
 def _noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Smooth unit-variance noise with blobs ~size/cells wide: a random grid upsampled by two small matmuls."""
+    """Smooth unit-variance noise, blobs ~size/cells wide: a random grid upsampled by two small matmuls."""
     a = _upsampler(size, cells)
     return a @ rng.standard_normal((cells + 2, cells + 2), dtype=np.float32) @ a.T
 
@@ -103,7 +104,8 @@ def _skin(rng: np.random.Generator, size: int) -> np.ndarray:
     light = 1 + 0.05 * _noise(rng, size, 3)
     redness = np.clip(_noise(rng, size, 4), 0, None) * rng.uniform(0.0, 0.06)
     angle = rng.uniform(0, np.pi)
-    lines = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * rng.uniform(25, 45) + 2 * _noise(rng, size, 5))
+    across = xx * math.cos(angle) + yy * math.sin(angle)
+    lines = np.sin(across * rng.uniform(25, 45) + 2 * _noise(rng, size, 5))
     light += rng.standard_normal((size, size), dtype=np.float32) * 0.02 - 0.04 * np.clip(lines - 0.7, 0, None)
     img = base[None, None, :] * light[..., None]
     img[..., 0] += redness
@@ -112,10 +114,13 @@ def _skin(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- lesion
-_SHAPE = {  # radius range, asymmetry (low harmonics), border irregularity (high harmonics + noise), edge width
-    0: dict(radius=(0.22, 0.42), elong=(0.0, 0.15), asym=(0.00, 0.05), irregular=(0.00, 0.025), edge=(0.05, 0.12)),
-    1: dict(radius=(0.36, 0.66), elong=(0.05, 0.40), asym=(0.10, 0.24), irregular=(0.05, 0.12), edge=(0.015, 0.08)),
-    2: dict(radius=(0.30, 0.56), elong=(0.05, 0.35), asym=(0.02, 0.09), irregular=(0.01, 0.04), edge=(0.01, 0.025)),
+# Per class, ranges of: radius, elongation, asymmetry (low harmonics), border irregularity (high harmonics
+# + noise), edge width (small = sharply demarcated). Units: half the image side.
+_SHAPE_KEYS = ("radius", "elong", "asym", "irregular", "edge")
+_SHAPE = {
+    0: dict(zip(_SHAPE_KEYS, ((0.22, 0.42), (0.0, 0.15), (0.00, 0.05), (0.00, 0.025), (0.05, 0.12)))),
+    1: dict(zip(_SHAPE_KEYS, ((0.36, 0.66), (0.05, 0.40), (0.10, 0.24), (0.05, 0.12), (0.015, 0.08)))),
+    2: dict(zip(_SHAPE_KEYS, ((0.30, 0.56), (0.05, 0.35), (0.02, 0.09), (0.01, 0.04), (0.01, 0.025)))),
 }
 
 
@@ -178,7 +183,8 @@ def _dots(img: np.ndarray, rng: np.random.Generator, mask: np.ndarray, n: int, r
         cy, cx = divmod(int(idx), size)
         rr = r_px * rng.uniform(0.6, 1.3)
         blob = strength * _smoothstep(1.5 - np.sqrt(yy * yy + xx * xx) / rr)
-        y0, y1, x0, x1 = max(cy - half, 0), min(cy + half + 1, size), max(cx - half, 0), min(cx + half + 1, size)
+        y0, y1 = max(cy - half, 0), min(cy + half + 1, size)
+        x0, x1 = max(cx - half, 0), min(cx + half + 1, size)
         b = blob[y0 - cy + half:y1 - cy + half, x0 - cx + half:x1 - cx + half, None]
         img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - b) + _rgb(colour) * b
 
@@ -192,11 +198,13 @@ def _structures(img: np.ndarray, rng: np.random.Generator, size: int, cls: int, 
         if cls == 0:  # regular honeycomb-like mesh, fading to the periphery
             freq = rng.uniform(55, 80)
             warp = 1.5 * _noise(rng, size, 10)
-            holes = np.cos(u * freq + warp) + np.cos((0.5 * u + 0.87 * v) * freq) + np.cos((0.5 * u - 0.87 * v) * freq - warp)
+            holes = (np.cos(u * freq + warp) + np.cos((0.5 * u + 0.87 * v) * freq)
+                     + np.cos((0.5 * u - 0.87 * v) * freq - warp))  # three plane waves at 60 degrees
             net = np.clip(holes + 1.0, 0, 1.5) / 1.5 * rng.uniform(0.12, 0.25) * np.sqrt(depth)
         else:  # atypical network: thick, uneven, broken
             ridges = _noise(rng, size, int(rng.integers(18, 30)))
-            net = np.exp(-(ridges / 0.5) ** 2) * rng.uniform(0.25, 0.5) * np.clip(_noise(rng, size, 5) + 0.3, 0, 1)
+            broken = np.clip(_noise(rng, size, 5) + 0.3, 0, 1)
+            net = np.exp(-(ridges / 0.5) ** 2) * rng.uniform(0.25, 0.5) * broken
         img = img * (1 - net[..., None] * mask[..., None])
         if cls == 0 and rng.random() < 0.3:
             _dots(img, rng, mask * (depth > 0.3), int(rng.integers(3, 10)), 0.012, _DARK_BROWN, 0.6)
@@ -223,7 +231,7 @@ def _hairs(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for _ in range(int(rng.integers(1, 10))):
         p0, p1, p2 = rng.uniform(-0.1, 1.1, (3, 2)) * size
         pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
-        width = max(1, int(round(size / 256 * rng.uniform(1, 2.5))))
+        width = max(1, round(size / 256 * rng.uniform(1, 2.5)))
         draw.line([tuple(p) for p in pts], fill=int(rng.uniform(170, 255)), width=width)
     alpha = np.asarray(layer.filter(ImageFilter.GaussianBlur(0.5)), dtype=np.float32)[..., None] / 255
     colour = _rgb((0.16, 0.11, 0.08)) * rng.uniform(0.6, 1.3)
@@ -267,15 +275,17 @@ def render(label: int, size: int, rng: np.random.Generator, difficulty: float = 
 def _metadata(label: int, rng: np.random.Generator) -> tuple[str, str]:
     """(age_approximate, sex) as ISIC writes them: age in 5-year steps, 'unknown' where missing."""
     mean_age = (42, 60, 66)[label]
-    age = "unknown" if rng.random() < 0.05 else str(int(np.clip(round(rng.normal(mean_age, 14) / 5) * 5, 5, 90)))
-    sex = "unknown" if rng.random() < 0.04 else ("male" if rng.random() < (0.45, 0.55, 0.5)[label] else "female")
+    age = "unknown" if rng.random() < 0.05 else str(min(max(round(rng.normal(mean_age, 14) / 5) * 5, 5), 90))
+    male = rng.random() < (0.45, 0.55, 0.5)[label]
+    sex = "unknown" if rng.random() < 0.04 else ("male" if male else "female")
     return age, sex
 
 
 def _make_one(job) -> tuple[str, str]:
     """Render, encode and write one image; returns its metadata. Top-level so a process pool can run it."""
     path, label, seed, split, index, size, difficulty, hair_prob, quality = job
-    image_rng, meta_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, split, index]).spawn(2))
+    streams = np.random.SeedSequence([seed, split, index]).spawn(2)
+    image_rng, meta_rng = (np.random.default_rng(s) for s in streams)
     pixels = render(label, size, image_rng, difficulty, hair_prob)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
@@ -284,6 +294,11 @@ def _make_one(job) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- dataset
+def _single_threaded_blas() -> None:
+    """Pool initializer: the noise matmuls are tiny, and BLAS threads only fight the other workers."""
+    threadpool_limits(1, user_api="blas")
+
+
 def _check(n_train, n_val, size, priors, difficulty, hair_prob, quality) -> None:
     """Reject bad parameters before anything is written; messages name the CLI flag."""
     if not isinstance(n_train, (int, np.integer)) or n_train < 1:
@@ -293,7 +308,7 @@ def _check(n_train, n_val, size, priors, difficulty, hair_prob, quality) -> None
     if not 32 <= size <= 4096:
         raise ValueError(f"--size must be between 32 and 4096 pixels, got {size}")
     if len(priors) != len(CLASSES) or min(priors) < 0 or sum(priors) <= 0:
-        raise ValueError(f"--priors must be {len(CLASSES)} non-negative numbers with a positive sum, got {priors}")
+        raise ValueError(f"--priors must be {len(CLASSES)} non-negative numbers, not all 0, got {priors}")
     if not 0 <= difficulty <= 1:
         raise ValueError(f"--difficulty must be in [0, 1], got {difficulty}")
     if not 0 <= hair_prob <= 1:
@@ -305,25 +320,28 @@ def _check(n_train, n_val, size, priors, difficulty, hair_prob, quality) -> None
 def synthesize(out, n_train: int, n_val: int, size: int = 256, seed: int = 0, priors=ISIC2017_PRIORS,
                difficulty: float = 0.5, hair_prob: float = 0.3, workers: int | None = None,
                force: bool = False, quality: int = 95) -> dict:
-    """Write a synthetic ISIC 2017 dataset to `out` atomically; returns a summary (also in lesionkit_synth.json).
+    """Write a synthetic ISIC 2017 dataset to `out` atomically; returns a summary (also lesionkit_synth.json).
 
     Image ids run on across splits (validation continues after training), so packed splits never clash.
     Built in a temp folder beside `out` and renamed at the end; an existing non-empty `out` is an error
     unless `force`.
     """
     _check(n_train, n_val, size, priors, difficulty, hair_prob, quality)
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    workers = min(4, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        summary = {"classes": list(CLASSES), "params": dict(size=size, seed=seed, priors=list(priors),
-                   difficulty=difficulty, hair_prob=hair_prob, quality=quality), "splits": {}}
+        params = {"size": size, "seed": seed, "priors": list(priors), "difficulty": difficulty,
+                  "hair_prob": hair_prob, "quality": quality}
+        summary = {"classes": list(CLASSES), "params": params, "splits": {}}
         jobs, split_rows, offset = [], {}, 0
         for (name, split), n in zip(SPLITS, (n_train, n_val)):
             folder = tmp / f"ISIC-2017_{name}_Data"
@@ -332,18 +350,22 @@ def synthesize(out, n_train: int, n_val: int, size: int = 256, seed: int = 0, pr
             ids = [f"ISIC_{offset + i:07d}" for i in range(n)]
             offset += n
             split_rows[name] = (ids, labels, len(jobs))
-            jobs += [(str(folder / f"{image_id}.jpg"), int(label), seed, split, i, size, difficulty, hair_prob,
-                      quality) for i, (image_id, label) in enumerate(zip(ids, labels))]
-            summary["splits"][name.lower()] = {"num_samples": n, "counts": dict(zip(CLASSES, class_counts(n, priors)))}
+            jobs += [(str(folder / f"{image_id}.jpg"), int(label), seed, split, i, size, difficulty,
+                      hair_prob, quality) for i, (image_id, label) in enumerate(zip(ids, labels))]
+            counts = dict(zip(CLASSES, class_counts(n, priors)))
+            summary["splits"][name.lower()] = {"num_samples": n, "counts": counts}
 
         if workers > 1 and len(jobs) >= POOL_MIN_IMAGES:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            context = get_context("spawn")  # no fork of a parent that may hold torch/BLAS threads
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded_blas) as pool:
                 meta = list(pool.map(_make_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
         else:
-            meta = [_make_one(job) for job in jobs]
+            with threadpool_limits(1, user_api="blas"):
+                meta = [_make_one(job) for job in jobs]
 
         for name, (ids, labels, start) in split_rows.items():
-            _write_csv(tmp / f"ISIC-2017_{name}_Part3_GroundTruth.csv", ["image_id", "melanoma", "seborrheic_keratosis"],
+            _write_csv(tmp / f"ISIC-2017_{name}_Part3_GroundTruth.csv",
+                       ["image_id", "melanoma", "seborrheic_keratosis"],
                        [(i, f"{float(y == 1):.1f}", f"{float(y == 2):.1f}") for i, y in zip(ids, labels)])
             _write_csv(tmp / f"ISIC-2017_{name}_Data_metadata.csv", ["image_id", "age_approximate", "sex"],
                        [(i, *meta[start + k]) for k, i in enumerate(ids)])
@@ -372,7 +394,7 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
 
 # ---------------------------------------------------------------------------------------------- preview
 def contact_sheet(root, out_png, per_class: int = 6, split: str = "Training", width_px: int = 900) -> Path:
-    """A PNG grid of the first `per_class` images of each class in an ISIC-layout folder, one row per class."""
+    """A PNG grid of the first `per_class` images of each class in an ISIC-layout folder, a row per class."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,18 +432,21 @@ def contact_sheet(root, out_png, per_class: int = 6, split: str = "Training", wi
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
-    parser.add_argument("out", help="folder to create (ISIC 2017 layout)")
-    parser.add_argument("--n-train", type=int, default=2000, help="training images (default 2000)")
-    parser.add_argument("--n-val", type=int, default=150, help="validation images (default 150)")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
-    parser.add_argument("--difficulty", type=float, default=0.5,
-                        help="0 = textbook classes .. 1 = no signal; chance a feature comes from a random class")
-    parser.add_argument("--hair-prob", type=float, default=0.3, help="fraction of images with hairs (default 0.3)")
+    parser.add_argument("out", metavar="OUT", help="folder to create (ISIC 2017 layout)")
+    parser.add_argument("--n-train", type=int, default=2000, metavar="N", help="training images (default 2000)")
+    parser.add_argument("--n-val", type=int, default=150, metavar="M", help="validation images (default 150)")
+    parser.add_argument("--size", type=int, default=256, metavar="S", help="image side in pixels (default 256)")
+    parser.add_argument("--seed", type=int, default=0, metavar="K", help="same seed, same bytes (default 0)")
+    parser.add_argument("--difficulty", type=float, default=0.5, metavar="D",
+                        help="chance each feature group comes from a random class: "
+                             "0 = textbook, 1 = no signal (default 0.5)")
+    parser.add_argument("--hair-prob", type=float, default=0.3, metavar="P",
+                        help="fraction of images with hairs (default 0.3)")
     parser.add_argument("--priors", type=float, nargs=3, default=list(ISIC2017_PRIORS),
-                        metavar=("NEVUS", "MELANOMA", "SK"), help="class priors (default ISIC 2017: 0.69 0.19 0.12)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default min(4, CPUs))")
+                        metavar=("NEVUS", "MELANOMA", "SK"),
+                        help="class priors (default ISIC 2017: 0.69 0.19 0.12)")
+    parser.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG quality (default 95)")
+    parser.add_argument("--workers", type=int, default=None, metavar="W", help="processes (default min(4, CPUs))")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     parser.add_argument("--contact-sheet", metavar="PNG", help="also write a PNG grid of samples per class")
 

@@ -366,6 +366,9 @@ def train(cfg: TrainConfig) -> int:
         raise ConfigError(f"class sets differ: --train has {classes}, --val has {val_classes}")
     stop = StopRequest()
 
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # same initial weights on every rank and in every rerun
     model = create_model(cfg.model, num_classes=len(classes), pretrained=cfg.pretrained, weights=cfg.weights)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -410,16 +413,17 @@ def train(cfg: TrainConfig) -> int:
         for row in state.history:
             print(format_row(row), flush=True)
 
+    loader = train_loader(cfg.train, image_size=cfg.image_size, batch_size=cfg.batch_size, workers=cfg.workers,
+                          seed=cfg.seed, epoch=state.epoch, rank=rank, world_size=world,
+                          shuffle_buffer=cfg.shuffle_buffer, balanced=cfg.balanced,
+                          batch_transform=worker_augment, skip_corrupt=cfg.skip_corrupt,
+                          max_batches=cfg.max_steps_per_epoch)
     status = "completed"
     while state.epoch < cfg.epochs:
         epoch, t0 = state.epoch, time.perf_counter()
         if cfg.freeze_epochs:
             freeze_backbone(accelerator.unwrap_model(model), frozen=epoch < cfg.freeze_epochs)
-        loader = train_loader(cfg.train, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                              workers=cfg.workers, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world,
-                              shuffle_buffer=cfg.shuffle_buffer, balanced=cfg.balanced,
-                              batch_transform=worker_augment, skip_corrupt=cfg.skip_corrupt,
-                              max_batches=cfg.max_steps_per_epoch)
+        loader.set_epoch(epoch)
         skip = state.step
         pbar = tqdm(total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                     disable=not accelerator.is_main_process, file=sys.stdout)

@@ -1,5 +1,6 @@
 """Optimizer/scheduler factories: the study's recipes give the LR they should at each epoch."""
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -83,7 +84,7 @@ def test_cosine_with_warmup():
     expected = [1e-3 / 3, 2e-3 / 3] + [0.5e-3 * (1 + math.cos(math.pi * e / 8)) for e in range(8)]
     assert lrs == pytest.approx(expected, rel=1e-6)
     assert lrs[2] == pytest.approx(1e-3) and lrs[-1] > 0
-    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    assert all(a > b for a, b in itertools.pairwise(lrs[2:]))
 
 
 def test_cosine_without_warmup_and_constant():

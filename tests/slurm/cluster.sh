@@ -51,7 +51,7 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   return 1
 }
 
-munge_ok() { munge -n </dev/null | unmunge >/dev/null 2>&1; }
+munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
 
 start_munge() {
   if munge_ok; then return; fi
@@ -169,9 +169,10 @@ cluster_pids() {
   declare -A parent=()
   for p in /proc/[0-9]*; do
     p=${p#/proc/}
-    ppid=$(awk '{print $4}' "/proc/$p/stat" 2>/dev/null) || continue
+    ppid=$( { awk '{print $4}' "/proc/$p/stat"; } 2>/dev/null) || continue
+    [ -n "$ppid" ] || continue
     parent[$p]=$ppid
-    if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qxF "LK_SLURM_CLUSTER=$DIR"; then
+    if { tr '\0' '\n' <"/proc/$p/environ"; } 2>/dev/null | grep -qxF "LK_SLURM_CLUSTER=$DIR"; then
       roots="$roots $p"
     fi
   done

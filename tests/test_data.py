@@ -1,0 +1,204 @@
+"""The shard reader in one process: shapes, epoch length, coverage, balancing, errors."""
+import json
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLASSES, make_shards
+
+from lesionkit.data import dataset_info, eval_loader, read_manifest, train_loader
+
+# torchvision 0.29 marks its JPEG decoder deprecated (in favour of TorchCodec); it is still the fastest here.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+
+def _ids(n):
+    return {f"ISIC_{i:07d}" for i in range(n)}
+
+
+def _label_of(key):  # make_shards labels round-robin by index
+    return int(key[-7:]) % 3
+
+
+def _halve(images):  # a worker-side batch transform (module level: picklable)
+    return images.float() / 2
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    make_shards(folder, 60, 5)  # 5 shards of 12 samples, 32x40 images
+    return folder
+
+
+def test_train_batches_are_full_uint8_cover_the_data_and_reshuffle_each_epoch(shards):
+    loader = train_loader(shards, image_size=32, batch_size=8, workers=2, seed=0, epoch=0, rank=0,
+                          world_size=1, shuffle_buffer=16)
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        assert len(batches) == len(loader) == 8  # workers hold 24 + 36 samples: 3 + 5 batches
+        for images, labels, keys in batches:
+            assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
+            assert labels.dtype == torch.int64 and labels.tolist() == [_label_of(k) for k in keys]
+        keys = [k for _, _, ks in batches for k in ks]
+        assert set(keys) == _ids(60) and len(keys) == 64  # 4 padding samples
+        epochs.append(keys)
+    assert epochs[0] != epochs[1]
+
+
+def test_train_resizes_and_crops_to_the_training_size(shards):
+    images, _, _ = next(iter(train_loader(shards, image_size=20, batch_size=4, workers=0, seed=0, epoch=0,
+                                          rank=0, world_size=1)))
+    assert images.shape == (4, 3, 20, 20)
+
+
+def test_same_seed_and_epoch_give_the_same_stream_and_set_epoch_jumps(shards):
+    def keys(loader):
+        return [k for _, _, ks in loader for k in ks]
+
+    kw = {"image_size": 32, "batch_size": 8, "workers": 0, "seed": 3, "rank": 0, "world_size": 1, "shuffle_buffer": 16}
+    at3 = keys(train_loader(shards, epoch=3, **kw))
+    assert keys(train_loader(shards, epoch=3, **kw)) == at3
+    loader = train_loader(shards, epoch=0, **kw)
+    first = keys(loader)
+    loader.set_epoch(3)
+    assert keys(loader) == at3 != first
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_equal_batch_counts_and_together_cover_every_sample(tmp_path, world_size):
+    make_shards(tmp_path, 70, 7)  # unequal shards (10 each) over 2 or 3 ranks: some ranks pad
+    seen, lengths = [], []
+    for rank in range(world_size):
+        loader = train_loader(tmp_path, image_size=32, batch_size=4, workers=0, seed=1, epoch=2, rank=rank,
+                              world_size=world_size)
+        batches = list(loader)
+        lengths += [len(loader), len(batches)]
+        seen += [k for _, _, ks in batches for k in ks]
+    assert len(set(lengths)) == 1
+    assert set(seen) == _ids(70)
+
+
+def test_max_batches_caps_the_epoch_on_every_rank(shards):
+    for rank in range(2):
+        loader = train_loader(shards, image_size=32, batch_size=4, workers=0, seed=0, epoch=0, rank=rank,
+                              world_size=2, max_batches=3)
+        assert len(loader) == 3 == len(list(loader))
+
+
+def test_batch_transform_runs_in_the_workers(shards):
+    loader = train_loader(shards, image_size=32, batch_size=8, workers=2, seed=0, epoch=0, rank=0,
+                          world_size=1, batch_transform=_halve)
+    images, _, _ = next(iter(loader))
+    assert images.dtype == torch.float32 and images.max() <= 127.5
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_eval_reads_every_sample_exactly_once_with_workers(shards, world_size):
+    keys, total_batches = Counter(), 0
+    for rank in range(world_size):
+        loader = eval_loader(shards, image_size=24, batch_size=5, workers=2, rank=rank, world_size=world_size)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        total_batches += len(batches)
+        for images, labels, ks in batches:
+            assert images.dtype == torch.uint8 and images.shape[1:] == (3, 24, 24)
+            assert labels.tolist() == [_label_of(k) for k in ks]
+            keys.update(ks)
+    assert keys == Counter(_ids(60))
+
+
+def test_balanced_mode_draws_classes_equally_or_by_weight(tmp_path):
+    labels = [0] * 140 + [1] * 40 + [2] * 20  # 70/20/10 %, shuffled as `lesionkit pack` does
+    random.Random(0).shuffle(labels)
+    make_shards(tmp_path, 200, 4, size=16, labels=labels, seed=1)
+    kw = {"image_size": 16, "batch_size": 16, "workers": 2, "seed": 0, "epoch": 0, "rank": 0, "world_size": 1, "balanced": True}
+    loader = train_loader(tmp_path, **kw)
+    drawn = Counter(l for _ in range(2) for _, ls, _ in loader for l in ls.tolist())
+    total = sum(drawn.values())  # 2 epochs x 13 batches x 16 = 416 draws: sd of a share ~0.023
+    assert all(abs(drawn[c] / total - 1 / 3) < 0.1 for c in range(3)), drawn
+    weighted = Counter(l for _, ls, _ in train_loader(tmp_path, **{**kw, "workers": 0, "class_weights": [1, 0, 3]})
+                       for l in ls.tolist())
+    assert weighted[1] == 0 and 2 < weighted[2] / weighted[0] < 4.5, weighted
+
+
+def test_too_few_shards_for_ranks_times_workers_is_a_clear_error(tmp_path):
+    make_shards(tmp_path, 12, 3)
+    with pytest.raises(ValueError, match=r"3 shard\(s\).*2 process\(es\) x 2 loader worker\(s\) need at least 4"
+                                         r".*--shard-size \(at most 3 for 12 samples\)"):
+        train_loader(tmp_path, image_size=32, batch_size=2, workers=2, seed=0, epoch=0, rank=0, world_size=2)
+
+
+def test_missing_folder_manifest_or_wrong_version_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="shard folder not found: .*nowhere"):
+        read_manifest(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"manifest.json not found"):
+        train_loader(tmp_path, image_size=32, batch_size=2, workers=0, seed=0, epoch=0, rank=0, world_size=1)
+    make_shards(tmp_path / "v2", 4, 1)
+    path = tmp_path / "v2" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 2}))
+    with pytest.raises(ValueError, match=r"manifest.json: shard format_version 2 is not supported"):
+        eval_loader(tmp_path / "v2", image_size=32, batch_size=2, workers=0, rank=0, world_size=1)
+
+
+def test_dataset_info_sums_folders_and_rejects_different_classes(tmp_path):
+    make_shards(tmp_path / "a", 6, 1)
+    make_shards(tmp_path / "b", 3, 1, prefix="B_")
+    assert dataset_info([tmp_path / "a", tmp_path / "b"]) == (CLASSES, dict.fromkeys(CLASSES, 3), 9)
+    make_shards(tmp_path / "c", 2, 1, classes=["benign", "malignant"])
+    with pytest.raises(ValueError, match=r"disagree on the classes: .*a has .*, .*c has"):
+        dataset_info([tmp_path / "a", tmp_path / "c"])
+
+
+def test_corrupt_sample_raises_naming_it_unless_skipped(tmp_path, caplog):
+    make_shards(tmp_path, 16, 2, corrupt={5})
+    kw = {"image_size": 32, "batch_size": 4, "workers": 0, "rank": 0, "world_size": 1}
+    with pytest.raises(ValueError, match=r"corrupt sample 'ISIC_0000005' in shard .*shard-000000.tar"):
+        list(train_loader(tmp_path, seed=0, epoch=0, **kw))
+    with pytest.raises(ValueError, match=r"corrupt sample 'ISIC_0000005' in shard .*shard-000000.tar"):
+        list(eval_loader(tmp_path, **kw))
+    with caplog.at_level(logging.WARNING, logger="lesionkit.data"):
+        loader = train_loader(tmp_path, seed=0, epoch=0, skip_corrupt=True, **kw)
+        keys = [k for _, _, ks in loader for k in ks]
+    assert len(keys) == 4 * len(loader) == 16 and "ISIC_0000005" not in keys
+    assert set(keys) == _ids(16) - {"ISIC_0000005"}
+    assert "skipped corrupt sample 'ISIC_0000005'" in caplog.text
+
+
+def test_real_isic_validation_split_packed_then_read_back(tmp_path):
+    from lesionkit.ingest import read_labels
+    from lesionkit.pack import pack
+
+    data = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "isic2017-256"
+    csv = data / "ISIC-2017_Validation_Part3_GroundTruth.csv"
+    pack(data / "ISIC-2017_Validation_Data", csv, tmp_path / "val", size=32, shard_size=40, workers=0)
+    table, classes = read_labels(csv)
+    truth = dict(zip(table["id"], table["label"]))
+    assert dataset_info(tmp_path / "val") == (classes, {"nevus": 78, "melanoma": 30, "seborrheic_keratosis": 42},
+                                              150)
+    read = {}
+    for rank in range(2):
+        for images, labels, keys in eval_loader(tmp_path / "val", image_size=32, batch_size=16, workers=2,
+                                                rank=rank, world_size=2):
+            assert images.shape[1:] == (3, 32, 32) and images.float().std() > 10  # real pixels, not blank
+            read.update(zip(keys, labels.tolist()))
+    assert read == truth
+    seen = {k for _, _, ks in train_loader(tmp_path / "val", image_size=28, batch_size=16, workers=2, seed=0,
+                                           epoch=0, rank=0, world_size=1) for k in ks}
+    assert seen == set(truth)
+
+
+def test_own_tar_reader_matches_webdataset_and_names_a_truncated_shard(shards, tmp_path):
+    from lesionkit.data import _read, read_with_webdataset
+
+    urls = sorted(str(p) for p in shards.glob("*.tar"))
+    theirs = [{k: v for k, v in s.items() if k != "__local_path__"} for s in read_with_webdataset(urls)]
+    assert list(_read(urls)) == theirs and len(theirs) == 60
+    data = (shards / "shard-000000.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"shard .*cut.tar is truncated"):
+        list(_read([str(tmp_path / "cut.tar")]))

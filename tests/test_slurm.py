@@ -1,0 +1,183 @@
+"""The job scripts against a real Slurm scheduler (tests/slurm/cluster.sh: slurmctld + two slurmd here).
+
+All jobs are submitted together (they share the throwaway cluster like a real queue) and each test then
+waits for its own. They train tiny models for 2 epochs on synth + pack shards, on CPU nodes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+LESIONKIT = Path(sys.executable).with_name("lesionkit")
+SMOKE = "--image-size 64 --batch-size 4 --workers 0 --max-steps-per-epoch 3 --no-wandb"
+TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """Two slurmd (lkn1, lkn2) on this host; torn down (by PID) after the session."""
+    d = tmp_path_factory.mktemp("slurm")
+    up = subprocess.run(["bash", str(CLUSTER), "up", "--dir", str(d), "--nodes", "2", "--cpus", "2"],
+                        capture_output=True, text=True, timeout=180)
+    assert up.returncode == 0, up.stderr
+    env = dict(os.environ, SLURM_CONF=str(d / "etc" / "slurm.conf"))
+    yield env
+    down = subprocess.run(["bash", str(CLUSTER), "down", "--dir", str(d)], capture_output=True, text=True,
+                          timeout=180)
+    assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """24 train / 12 val synthetic images at 64 px, through the real `lesionkit synth` and `pack`."""
+    d = tmp_path_factory.mktemp("shards")
+    subprocess.run([str(LESIONKIT), "synth", str(d / "raw"), "--n-train", "24", "--n-val", "12", "--size", "64",
+                    "--workers", "1"], check=True, capture_output=True, timeout=300)
+    packs = [subprocess.Popen([str(LESIONKIT), "pack", "--images", str(d / "raw" / f"ISIC-2017_{split}_Data"),
+                               "--labels", str(d / "raw" / f"ISIC-2017_{split}_Part3_GroundTruth.csv"),
+                               "--out", str(d / out), "--size", "64", "--shard-size", "12", "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for split, out in (("Training", "train"), ("Validation", "val"))]
+    for p in packs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    return d
+
+
+def sbatch(env, script, logdir, name, *sbatch_args, **lk):
+    """Submit jobs/SCRIPT with LK_* settings; return (job id, log path, output dir)."""
+    out = logdir / f"run-{name}"
+    job_env = dict(env, LK_OUTPUT=str(out), **{f"LK_{k.upper()}": str(v) for k, v in lk.items()})
+    proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--job-name=lk-{name}",
+                           f"--output={logdir}/{name}-%j.out", *sbatch_args, str(ROOT / "jobs" / script)],
+                          env=job_env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    return job, logdir / f"{name}-{job}.out", out
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster, shards, tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("jobs")
+    data = dict(train=shards / "train", val=shards / "val", epochs=2)
+    submitted = {
+        # the pre-empted run first: its test signals it while it trains
+        "preempt": sbatch(cluster, "customnet.sh", logdir, "preempt", **data, extra_args=SMOKE),
+        "reference": sbatch(cluster, "customnet.sh", logdir, "reference", **data, extra_args=SMOKE),
+        "two_nodes": sbatch(cluster, "customnet.sh", logdir, "two-nodes", "--nodes=2", **data,
+                            extra_args=SMOKE),
+        "resnet": sbatch(cluster, "resnet.sh", logdir, "resnet", **data,
+                         extra_args=SMOKE.replace("--max-steps-per-epoch 3", "--max-steps-per-epoch 2")
+                         + " --no-pretrained"),
+        "bad_data": sbatch(cluster, "customnet.sh", logdir, "bad-data", train=logdir / "no-such-shards",
+                           val=shards / "val", epochs=2, extra_args=SMOKE),
+    }
+    yield submitted
+    for job, _, _ in submitted.values():
+        subprocess.run(["scancel", job], env=cluster, capture_output=True)
+
+
+def job_info(env, job) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_until(predicate, what, timeout=TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_done(env, job, log) -> dict:
+    def done():
+        info = job_info(env, job)
+        return info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+    info = wait_until(done, f"job {job} to end")
+    info["log"] = log.read_text(errors="replace") if log.exists() else ""
+    return info
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_result(cluster, jobs):
+    job, log, out = jobs["preempt"]
+    # The header row is printed after the trainer's signal handler is set and just before the first step.
+    wait_until(lambda: log.exists() and "train_loss" in log.read_text(errors="replace"), "training to start")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    # Slurm holds a requeued job for ~2 minutes (BeginTime); release it at once.
+    wait_until(lambda: job_info(cluster, job).get("Restarts") == "1", "the job to requeue itself")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, check=True)
+    info = wait_done(cluster, job, log)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), info["log"]
+    assert "lesionkit: stop requested; saved" in info["log"]
+    assert re.search(r"requeueing job \d+", info["log"])
+    assert re.search(r"resumed from .*epoch-0000-step-\d+ \(epoch 0, step [12]\)", info["log"]), info["log"]
+    assert read_json(out / "status.json")["status"] == "completed"
+
+    ref_job, ref_log, ref_out = jobs["reference"]
+    ref = wait_done(cluster, ref_job, ref_log)
+    assert (ref["JobState"], ref["Restarts"]) == ("COMPLETED", "0"), ref["log"]
+    resumed, uninterrupted = read_json(out / "metrics.json"), read_json(ref_out / "metrics.json")
+    assert resumed["epoch"] == uninterrupted["epoch"] == 2
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        if isinstance(value, float) and not math.isnan(value):
+            assert resumed[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        else:
+            assert resumed[key] == value or (value != value and resumed[key] != resumed[key]), key
+
+
+def test_resnet_job_completes_with_checkpoint_and_metrics(cluster, jobs):
+    job, log, out = jobs["resnet"]
+    info = wait_done(cluster, job, log)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), info["log"]
+    assert "resnet18 on 1 x cpu" in info["log"]
+    assert "config cpu.yaml" in info["log"]
+    for link in ("last", "best"):
+        assert (out / link / "model.pt").is_file() and (out / link / "info.json").is_file()
+    assert read_json(out / "last" / "info.json")["model"] == "resnet18"
+    metrics = read_json(out / "metrics.json")
+    assert metrics["epoch"] == 2 and 0.0 <= metrics["auc_melanoma"] <= 1.0
+    assert read_json(out / "world.json")["world_size"] == 1
+
+
+def test_two_node_job_trains_one_ddp_group_across_the_nodes(cluster, jobs):
+    job, log, out = jobs["two_nodes"]
+    info = wait_done(cluster, job, log)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), info["log"]
+    assert info["NodeList"] == "lkn[1-2]" and info["NumNodes"] == "2"
+    assert "2 node(s) x 1 process(es)" in info["log"] and "config cpu_ddp.yaml" in info["log"]
+    assert "--main_process_ip lkn1 --rdzv_backend c10d" in info["log"]
+    world = read_json(out / "world.json")
+    assert world["world_size"] == 2
+    digests = world["weights_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert read_json(out / "metrics.json")["epoch"] == 2
+
+
+def test_failing_training_fails_the_job_and_says_why(cluster, jobs):
+    job, log, out = jobs["bad_data"]
+    info = wait_done(cluster, job, log)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info["log"]
+    assert "no-such-shards: no manifest.json there" in info["log"]
+    assert "training failed with exit code" in info["log"]
+    assert info["Restarts"] == "0"
