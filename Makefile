@@ -3,7 +3,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean
+.PHONY: venv slurm demo test lint clean
 
 # Rebuilt only when setup.cfg/pyproject.toml change (the stamp is newer otherwise).
 $(STAMP): setup.cfg pyproject.toml
@@ -18,7 +18,11 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/python -m lesionkit.demo
 
-test: venv
+# The Slurm tests run a real scheduler on this host (Debian's slurmctld/slurmd/munge, installed as root).
+slurm:
+	@bash .ci/install-slurm.sh
+
+test: venv slurm
 	$(BIN)/python -m pytest -q
 
 lint: venv

@@ -121,9 +121,9 @@ node_cmd=(bash -c "$node_script" lk-node "$LK_ACCELERATE" "${launch_args[@]}" "$
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   step=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1)
   [ -z "${SLURM_CPUS_PER_TASK:-}" ] || step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-  [ "$LK_GPUS_PER_NODE" -eq 0 ] || step+=(--gres="gpu:$LK_GPUS_PER_NODE")
+  [ -z "${SLURM_GPUS_ON_NODE:-}" ] || step+=(--gres="gpu:$SLURM_GPUS_ON_NODE")  # the GPUs Slurm gave the job
 else
-  step=()  # outside Slurm: run the node command here, as node 0 of 1
+  step=()  # outside Slurm: run the node command here, as node 0 of 1 (signal the trainer itself to stop it)
 fi
 
 lk_log "job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}:" \

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,35 @@ from lesionkit.config import TrainConfig, load_config, save_config
 from lesionkit.models import create_model
 
 TRAINER_STATE = "trainer.pt"
+# What accelerator.load_state unpickles: it loads these with weights_only=True too, but an unreadable RNG
+# state is skipped silently; `verify_loadable` turns any refusal into an error before it starts.
+ACCELERATE_PICKLES = ("optimizer*.bin", "scheduler*.bin", "sampler*.bin", "scaler*.pt", "random_states_*.pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is unreadable or holds more than tensors; the message names the file."""
+
+
+def safe_load(path: Path, map_location="cpu"):
+    """`torch.load(weights_only=True)` through accelerate's loader (which also allows numpy RNG states);
+    a pickled code payload or a damaged file becomes one CheckpointError line naming the file."""
+    from accelerate.utils import load
+
+    try:
+        return load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line for line in str(e).splitlines() if "GLOBAL" in line), "not plain tensors").strip()
+        raise CheckpointError(f"{path}: refused to load, it holds more than tensors: {why}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({str(e).splitlines()[0]})") from None
+
+
+def verify_loadable(ckpt_dir: Path) -> None:
+    """Load every pickle of a checkpoint `--resume` starts from with weights_only=True first, so a tampered
+    one is refused loudly (CheckpointError) instead of executed, ignored or carried on."""
+    for pattern in (TRAINER_STATE, "model.pt", *ACCELERATE_PICKLES):
+        for path in sorted(Path(ckpt_dir).glob(pattern)):
+            safe_load(path)
 
 
 def checkpoint_name(epoch: int, step: int = 0) -> str:
@@ -36,6 +66,15 @@ def checkpoint_name(epoch: int, step: int = 0) -> str:
 def staging_dir(run_dir: Path, name: str) -> Path:
     """Where every process writes its part of checkpoint `name` before `publish` renames it."""
     return Path(run_dir) / "checkpoints" / f".tmp-{name}"
+
+
+def clean_staging(run_dir: Path) -> list[Path]:
+    """Remove the `.tmp-*` folders of checkpoints a killed run never finished (main process, before the
+    first save): a new save must not write into, or publish, a stale half of one."""
+    stale = sorted((Path(run_dir) / "checkpoints").glob(".tmp-*"))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def write_inference_files(ckpt_dir: Path, state_dict: dict, cfg: TrainConfig, info: dict) -> None:
@@ -83,7 +122,7 @@ def save_trainer_state(ckpt_dir: Path, state: dict) -> None:
 
 
 def load_trainer_state(ckpt_dir: Path) -> dict:
-    return torch.load(Path(ckpt_dir) / TRAINER_STATE, map_location="cpu", weights_only=True)
+    return safe_load(Path(ckpt_dir) / TRAINER_STATE)
 
 
 def load_inference_model(ckpt_dir: str | Path, map_location="cpu"):
@@ -95,6 +134,6 @@ def load_inference_model(ckpt_dir: str | Path, map_location="cpu"):
     info = json.loads((ckpt_dir / "info.json").read_text())
     cfg = load_config(ckpt_dir / "config.yaml")
     model = create_model(cfg.model, num_classes=len(info["classes"]))
-    state = torch.load(ckpt_dir / "model.pt", map_location=map_location, weights_only=True)
+    state = safe_load(ckpt_dir / "model.pt", map_location=map_location)
     model.load_state_dict(state)
     return model.eval(), info

@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
 import random
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
@@ -44,6 +45,18 @@ MANIFEST = "manifest.json"
 DRAFT_FACTOR = 2  # stored shorter side >= 2x the training size: decode with PIL draft (DCT scaling)
 
 log = logging.getLogger(__name__)
+
+
+class CorruptDataError(ValueError):
+    """A shard or sample that cannot be read; the message names the shard and the sample key."""
+
+
+def error_message(exc: BaseException) -> str:
+    """The one-line message of a data error, also when a DataLoader worker re-raised it inside the text
+    of its traceback (`Caught CorruptDataError in DataLoader worker process 0. Original Traceback ...`)."""
+    text, marker = str(exc), f"{CorruptDataError.__module__}.{CorruptDataError.__name__}: "
+    return text.rsplit(marker, 1)[1].strip() if marker in text else text.strip()
+
 
 def read_manifest(folder: str | Path) -> dict:
     """manifest.json of a shard folder, checked for the format version this reader understands."""
@@ -182,7 +195,8 @@ def _decode(sample: dict, size: int, stored: dict[str, int], rng: random.Random 
 
 def _collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     images, labels, keys = zip(*samples)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys)
+    # default_collate stacks straight into shared memory inside a worker: no copy on the way out
+    return default_collate(list(images)), torch.tensor(labels, dtype=torch.int64), list(keys)
 
 
 def _tar_samples(url: str) -> Iterator[dict]:
@@ -200,12 +214,12 @@ def _tar_samples(url: str) -> Iterator[dict]:
             name = (header[345:500].split(b"\0", 1)[0] + b"/" if header[345] and header[257:262] == b"ustar"
                     else b"") + header[:100].split(b"\0", 1)[0]
         except ValueError:
-            raise ValueError(f"shard {url} is corrupt: bad tar header at byte {off}") from None
+            raise CorruptDataError(f"shard {url} is corrupt: bad tar header at byte {off}") from None
         kind, data = header[156:157], off + 512
         off = data + (size + 511) // 512 * 512
         if off > end:
-            raise ValueError(f"shard {url} is truncated: member {name.decode(errors='replace')} ends past "
-                             f"byte {end}")
+            raise CorruptDataError(f"shard {url} is truncated: member {name.decode(errors='replace')} ends "
+                                   f"past byte {end}")
         if kind == b"x":  # pax extended header: only a long `path` matters here
             for record in buf[data:data + size].split(b"\n"):
                 if b" path=" in record:
@@ -267,7 +281,7 @@ def _cycle(read: Callable, urls: list[str], rng: random.Random, skip_bad: bool, 
         for count, sample in enumerate(wds.shuffle(buffer, buffer, rng=rng)(samples), 1):
             yield sample
         if not count:
-            raise ValueError(f"no readable samples in shards {urls}")
+            raise CorruptDataError(f"no readable samples in shards {urls}")
 
 
 def _weighted_mix(streams: list[Iterator], weights: list[float], rng: random.Random) -> Iterator:
@@ -293,7 +307,8 @@ class _Stream(IterableDataset):
         self.shuffle_buffer, self.class_weights = shuffle_buffer, class_weights
         self.batch_transform, self.skip_corrupt, self.max_batches = batch_transform, skip_corrupt, max_batches
         self.stored = {s.url: s.stored_size for s in shards}
-        self.skipped = 0
+        # Samples skipped as corrupt, shared with the loader workers so the trainer can report the count.
+        self.skipped = multiprocessing.Value("q", 0)
         loads = [[sum(shards[i].num_samples for i in slot) for slot in rank_slots]
                  for rank_slots in self.plan(epoch)]
         if train:
@@ -324,7 +339,7 @@ class _Stream(IterableDataset):
             return
         rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
         if self.class_weights is None:
-            raw = _cycle(self.read, urls, rng, self.skip_corrupt, self.shuffle_buffer)
+            raw = _cycle(self._read_counted, urls, rng, self.skip_corrupt, self.shuffle_buffer)
         else:
             raw = self._balanced(urls, rng)
         batches = wds.batched(self.batch_size, collation_fn=_collate, partial=False)(self._decoded(raw, rng, urls))
@@ -343,10 +358,24 @@ class _Stream(IterableDataset):
         if not present:
             raise ValueError(f"shards {urls} hold no sample of a class with a positive weight")
         buffer = max(1, self.shuffle_buffer // len(present))
-        streams = [_cycle(self.read, urls, random.Random(rng.random()), self.skip_corrupt, buffer,
+        streams = [_cycle(self._read_counted, urls, random.Random(rng.random()), self.skip_corrupt, buffer,
                           lambda s, c=c: _label(s) == c)
                    for c in present]
         return _weighted_mix(streams, [mix[c] for c in present], rng)
+
+    def _read_counted(self, urls: list[str], skip_bad: bool) -> Iterator[dict]:
+        """`read`, counting the samples an unreadable rest of a shard cost (skip_bad skips it)."""
+        expected = {s.url: s.num_samples for s in self.shards}
+        for url in urls:
+            n = 0
+            for n, sample in enumerate(self.read([url], skip_bad), 1):
+                yield sample
+            self._count_skipped(expected[url] - n)
+
+    def _count_skipped(self, n: int) -> int:
+        with self.skipped.get_lock():
+            self.skipped.value += max(n, 0)
+            return self.skipped.value
 
     def _decoded(self, raw: Iterator[dict], rng: random.Random | None, urls: list[str]) -> Iterator[tuple]:
         """Decode the stream; a corrupt sample raises naming shard and key, or (skip_corrupt) is logged
@@ -360,12 +389,12 @@ class _Stream(IterableDataset):
                 where = f"sample {sample.get('__key__')!r} in shard {sample.get('__url__')}"
                 if not self.skip_corrupt:
                     hint = " (skip_corrupt skips such samples)" if self.train else ""
-                    raise ValueError(f"corrupt {where}: {exc}{hint}") from exc
-                self.skipped += 1
+                    raise CorruptDataError(f"corrupt {where}: {exc}{hint}") from exc
                 failures += 1
-                log.warning("skipped corrupt %s: %s (%d skipped by this worker)", where, exc, self.skipped)
+                log.warning("skipped corrupt %s: %s (%d skipped by this process)", where, exc,
+                            self._count_skipped(1))
                 if failures > limit:
-                    raise ValueError(f"no decodable samples in shards {urls}") from exc
+                    raise CorruptDataError(f"no decodable samples in shards {urls}") from exc
                 continue
             failures = 0
             yield item
@@ -407,6 +436,11 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return self.stream.num_batches
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt samples this process's workers have skipped so far (training with skip_corrupt)."""
+        return self.stream.skipped.value
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.next_epoch:  # worker copies count epochs themselves: restart them at `epoch`

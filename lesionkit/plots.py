@@ -69,7 +69,7 @@ def reliability_figure(labels, probs, path: str | Path, n_bins: int = 10) -> Pat
     ax.bar(centers[used], b["accuracy"][used], width=1 / n_bins, edgecolor="black", alpha=0.7,
            label="accuracy")
     ax.plot([0, 1], [0, 1], color="grey", ls="--", label="perfect calibration")
-    ax.plot(b["confidence"][used], b["accuracy"][used], "o-", color="C3", label="mean confidence")
+    ax.plot(b["confidence"][used], b["accuracy"][used], "o-", color="C3", label="accuracy vs mean confidence")
     ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability (top label)")
     ax.legend(loc="upper left", fontsize="small")
     axc.bar(centers, b["count"], width=1 / n_bins, edgecolor="black", color="grey")

@@ -27,8 +27,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from lesionkit.evaluate import (TTA_MODES, EvaluateError, build_preprocess, check_classes, load_checkpoint,
-                                predict_probs)
+from lesionkit.evaluate import (
+    TTA_MODES,
+    EvaluateError,
+    build_preprocess,
+    check_classes,
+    load_checkpoint,
+    predict_probs,
+)
 
 FORMATS = ("isic2017", "isic-scoring")
 ISIC2017_COLUMNS = ["melanoma", "seborrheic_keratosis"]
@@ -50,7 +56,7 @@ class _ImageFolder(Dataset):
         key, path = self.items[i]
         try:
             jpeg, _, _ = encode_image(path, self.size, quality=95)
-        except Exception as exc:  # PIL raises many types for bad files; name the file, keep going
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # name it, go on
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), key, f"{path.name}: {exc}"
         with Image.open(io.BytesIO(jpeg)) as im:
             image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -29,12 +30,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from lesionkit import checkpoint, tracking
 from lesionkit.augment import MixupCutmix, build_augment, choose_placement, soft_target_cross_entropy
 from lesionkit.config import ConfigError, TrainConfig, add_config_flags, config_from_args
-from lesionkit.data import dataset_info, eval_loader, train_loader
+from lesionkit.data import CorruptDataError, dataset_info, error_message, eval_loader, train_loader
 from lesionkit.metrics import compute_metrics
 from lesionkit.models import create_model, freeze_backbone, input_stats, list_models
 from lesionkit.optim import build_optimizer, build_scheduler, step_scheduler
@@ -74,6 +76,28 @@ def check_config(cfg: TrainConfig) -> None:
         for d in getattr(cfg, split):
             if not (Path(d) / "manifest.json").is_file():
                 raise ConfigError(f"--{split} {d}: no manifest.json there (pack images with `lesionkit pack`)")
+    if cfg.train and cfg.val:
+        try:
+            classes, val_classes = dataset_info(cfg.train)[0], dataset_info(cfg.val)[0]
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        if val_classes != classes:
+            raise ConfigError(f"class sets differ: --train has {classes}, --val has {val_classes}")
+    check_resume(cfg)
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """`--resume` into a run of another model or class set: say so now, not as a state-dict error later."""
+    ckpt = checkpoint.latest(Path(cfg.output_dir)) if cfg.resume else None
+    if ckpt is None:
+        return
+    info = json.loads((ckpt / "info.json").read_text())
+    if info["model"] != cfg.model:
+        raise ConfigError(f"--resume: {ckpt} is a {info['model']} checkpoint, not {cfg.model}; pass --model "
+                          f"{info['model']} or another --output-dir")
+    if cfg.train and info["classes"] != dataset_info(cfg.train)[0]:
+        raise ConfigError(f"--resume: {ckpt} was trained on classes {info['classes']}, --train has "
+                          f"{dataset_info(cfg.train)[0]}")
 
 
 def probe_writable(output_dir: Path) -> None:
@@ -160,12 +184,17 @@ class StopRequest:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def agree(accelerator, *flags: bool) -> list[bool]:
-    """All-reduce (max) a few flags, so every rank takes the same branch."""
-    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+def total(accelerator, *values: float) -> list[float]:
+    """Sum a few numbers over all ranks; every rank gets the sums."""
+    t = torch.tensor([float(v) for v in values], device=accelerator.device)
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="sum")
-    return [bool(x > 0) for x in t.tolist()]
+    return t.tolist()
+
+
+def agree(accelerator, *flags: bool) -> list[bool]:
+    """All-reduce a few flags (true anywhere = true everywhere), so every rank takes the same branch."""
+    return [x > 0 for x in total(accelerator, *flags)]
 
 
 def train_one_epoch(cfg, accelerator, model, optimizer, loader, augment, mixup, class_weights, state, stop,
@@ -173,6 +202,7 @@ def train_one_epoch(cfg, accelerator, model, optimizer, loader, augment, mixup, 
     model.train()
     rank, device = accelerator.process_index, accelerator.device
     totals = {"loss": 0.0, "n": 0, "data_s": 0.0, "compute_s": 0.0, "skipped_nonfinite": 0}
+    corrupt_before = loader.skipped  # --skip-corrupt: samples the loader skipped (summed over ranks below)
     tick = time.perf_counter()
     for step, (images, labels, keys) in enumerate(loader):
         if step < skip_batches:  # resuming a pre-empted epoch: replay the stream up to where we were
@@ -227,6 +257,7 @@ def train_one_epoch(cfg, accelerator, model, optimizer, loader, augment, mixup, 
         if stop_now:
             totals["stopped"] = True
             break
+    totals["skipped_corrupt"] = int(total(accelerator, loader.skipped - corrupt_before)[0])
     return totals
 
 
@@ -264,20 +295,26 @@ def save_checkpoint(cfg, accelerator, model, scheduler, ema, state, classes, met
     run_dir = Path(cfg.output_dir)
     name = checkpoint.checkpoint_name(state.epoch, state.step)
     staging = checkpoint.staging_dir(run_dir, name)
-    accelerator.save_state(str(staging))
-    if accelerator.is_main_process:
-        checkpoint.save_trainer_state(staging, {
-            "loop": {k: v for k, v in vars(state).items()},
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "ema": ema.state_dict() if ema is not None else None,
-        })
-        weights = (ema.module if ema is not None else accelerator.unwrap_model(model)).state_dict()
-        mean, std = input_stats(cfg.model)
-        checkpoint.write_inference_files(staging, {k: v.cpu() for k, v in weights.items()}, cfg, {
-            "classes": classes, "model": cfg.model, "image_size": cfg.image_size, "mean": list(mean),
-            "std": list(std), "color_constancy": cfg.color_constancy, "epoch": state.epoch,
-            "step": state.step, "metrics": metrics,
-        })
+    try:
+        accelerator.save_state(str(staging))
+        if accelerator.is_main_process:
+            checkpoint.save_trainer_state(staging, {
+                "loop": {k: v for k, v in vars(state).items()},
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+            })
+            weights = (ema.module if ema is not None else accelerator.unwrap_model(model)).state_dict()
+            mean, std = input_stats(cfg.model)
+            checkpoint.write_inference_files(staging, {k: v.cpu() for k, v in weights.items()}, cfg, {
+                "classes": classes, "model": cfg.model, "image_size": cfg.image_size, "mean": list(mean),
+                "std": list(std), "color_constancy": cfg.color_constancy, "epoch": state.epoch,
+                "step": state.step, "metrics": metrics,
+            })
+    except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, size limit (torch, safetensors)
+        shutil.rmtree(staging, ignore_errors=True)
+        why = e.strerror if isinstance(e, OSError) else str(e).strip().splitlines()[0]
+        raise TrainingError(f"could not write checkpoint {name} in {staging.parent} ({why}): disk full or not "
+                            f"writable? {run_dir}/last is unchanged") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.publish(run_dir, name, best=best)
@@ -289,6 +326,7 @@ def resume(cfg, accelerator, scheduler, ema) -> LoopState:
     if ckpt is None:
         accelerator.print(f"lesionkit: --resume: no checkpoint in {cfg.output_dir}/last yet, starting fresh")
         return LoopState()
+    checkpoint.verify_loadable(ckpt)
     accelerator.load_state(str(ckpt))
     saved = checkpoint.load_trainer_state(ckpt)
     if scheduler is not None and saved["scheduler"] is not None:
@@ -304,7 +342,7 @@ def resume(cfg, accelerator, scheduler, ema) -> LoopState:
 
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "auc_melanoma", "auc_seborrheic_keratosis", "isic2017_score",
-                 "balanced_accuracy", "lr", "data_wait", "time_s")
+                 "balanced_accuracy", "lr", "data_wait", "time_s", "corrupt", "nonfinite")
 
 
 def epoch_row(epoch, totals, metrics, lr, seconds) -> dict:
@@ -313,18 +351,20 @@ def epoch_row(epoch, totals, metrics, lr, seconds) -> dict:
         "epoch": epoch, "train_loss": totals["loss"] / max(totals["n"], 1), "val_loss": metrics["loss"],
         **{k: metrics.get(k) for k in EPOCH_COLUMNS[3:7]},
         "lr": lr, "data_wait": totals["data_s"] / busy if busy else 0.0, "time_s": seconds,
+        # samples skipped by --skip-corrupt, steps skipped by --skip-nonfinite
+        "corrupt": totals["skipped_corrupt"], "nonfinite": totals["skipped_nonfinite"],
     }
 
 
 def format_row(row: dict, header: bool = False) -> str:
-    widths = [5, 10, 8, 12, 24, 14, 17, 9, 9, 7]
+    widths = [5, 10, 8, 12, 24, 14, 17, 9, 9, 7, 7, 9]
     if header:
         return " ".join(f"{c:>{w}}" for c, w in zip(EPOCH_COLUMNS, widths))
 
     def fmt(v):
         return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
-    return " ".join(f"{fmt(row[c]):>{w}}" for c, w in zip(EPOCH_COLUMNS, widths))
+    return " ".join(f"{fmt(row.get(c)):>{w}}" for c, w in zip(EPOCH_COLUMNS, widths))  # .get: older histories
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -350,8 +390,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return train(cfg)
-    except (TrainingError, ConfigError) as e:
+    except (TrainingError, ConfigError, checkpoint.CheckpointError) as e:
         print(f"lesionkit train: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except CorruptDataError as e:  # validation never skips; training without --skip-corrupt does not either
+        print(f"lesionkit train: error: {error_message(e)}", file=sys.stderr, flush=True)
         return 1
 
 
@@ -360,10 +403,10 @@ def train(cfg: TrainConfig) -> int:
     accelerator = make_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     run_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:  # before `prepare`: no rank can reach a save before rank 0 gets there
+        for stale in checkpoint.clean_staging(run_dir):
+            print(f"lesionkit: removed {stale}, an unfinished checkpoint of an interrupted run", flush=True)
     classes, counts, _ = dataset_info(cfg.train)
-    val_classes, _, _ = dataset_info(cfg.val)
-    if val_classes != classes:
-        raise ConfigError(f"class sets differ: --train has {classes}, --val has {val_classes}")
     stop = StopRequest()
 
     from accelerate.utils import set_seed
@@ -451,7 +494,9 @@ def train(cfg: TrainConfig) -> int:
             print(format_row(row), flush=True)
             accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
                             | {"epoch": epoch + 1, "train/epoch_loss": row["train_loss"],
-                               "train/data_wait_fraction": row["data_wait"]}, step=state.global_step)
+                               "train/data_wait_fraction": row["data_wait"],
+                               "train/skipped_corrupt": row["corrupt"], "train/skipped_nonfinite": row["nonfinite"]},
+                            step=state.global_step)
             tracking.log_eval_plots(accelerator, val_y, val_p, classes, state.global_step)
             write_json_atomic(run_dir / "metrics.json", {"epoch": epoch + 1, "best": state.best,
                                                          "monitor": cfg.monitor, **metrics})

@@ -1,6 +1,7 @@
 """Batch augmentation: presets, every op's on/off switch, colour constancy, hair, mixup/cutmix, seeds, preview."""
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -190,3 +191,19 @@ def test_preview_aug_writes_a_png_grid(tmp_path, capsys):
         cli.main(["preview-aug", "--data", str(tmp_path / "missing"), "--out", str(out)])
     with pytest.raises(SystemExit, match=r"unknown augmentation op 'hairs'"):
         cli.main(["preview-aug", "--data", str(tmp_path / "shards"), "--out", str(out), "--set", "hairs.p=1"])
+
+
+def test_bench_aug_reports_presets_beside_a_step_and_both_placements(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    rc = cli.main(["bench", "aug", "--device", "cpu", "--batch-size", "2", "--image-size", "32", "--repeats", "1",
+                   "--presets", "none", "derm", "--placement-batches", "1", "--workers", "1", "--threads", "1",
+                   "--out", str(out)])
+    assert rc == 0
+    aug, placement = (json.loads(line) for line in out.read_text().splitlines())
+    assert aug["bench"] == "aug" and list(aug["cases"]) == ["none", "derm", "derm, stock kornia", "resnet18 step"]
+    assert all(row["ms_per_batch"] > 0 for row in aug["cases"].values())
+    assert aug["cases"]["resnet18 step"]["share_of_step"] == 1.0
+    assert placement["bench"] == "aug-placement" and set(placement["cases"]) == {"step only", "device", "workers"}
+    assert placement["params"]["faster"] in ("device", "workers")
+    assert placement["params"]["choose_placement"] == "workers"
+    assert "% of a step" in capsys.readouterr().out

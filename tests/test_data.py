@@ -169,25 +169,36 @@ def test_corrupt_sample_raises_naming_it_unless_skipped(tmp_path, caplog):
     assert "skipped corrupt sample 'ISIC_0000005'" in caplog.text
 
 
-def test_real_isic_validation_split_packed_then_read_back(tmp_path):
-    from lesionkit.ingest import read_labels
+ISIC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "isic2017-256"
+ISIC_VAL_CSV = ISIC / "ISIC-2017_Validation_Part3_GroundTruth.csv"
+
+
+@pytest.fixture(scope="module")
+def isic_val(tmp_path_factory):
+    """The real ISIC 2017 validation split (150 images) packed at 32 px into 4 shards."""
     from lesionkit.pack import pack
 
-    data = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "isic2017-256"
-    csv = data / "ISIC-2017_Validation_Part3_GroundTruth.csv"
-    pack(data / "ISIC-2017_Validation_Data", csv, tmp_path / "val", size=32, shard_size=40, workers=0)
+    out = tmp_path_factory.mktemp("isic") / "val"
+    pack(ISIC / "ISIC-2017_Validation_Data", ISIC_VAL_CSV, out, size=32, shard_size=40, workers=0)
+    return out
+
+
+def test_real_isic_validation_split_packed_then_read_back(isic_val):
+    from lesionkit.ingest import read_labels
+
+    csv = ISIC_VAL_CSV
     table, classes = read_labels(csv)
     truth = dict(zip(table["id"], table["label"]))
-    assert dataset_info(tmp_path / "val") == (classes, {"nevus": 78, "melanoma": 30, "seborrheic_keratosis": 42},
+    assert dataset_info(isic_val) == (classes, {"nevus": 78, "melanoma": 30, "seborrheic_keratosis": 42},
                                               150)
     read = {}
     for rank in range(2):
-        for images, labels, keys in eval_loader(tmp_path / "val", image_size=32, batch_size=16, workers=2,
+        for images, labels, keys in eval_loader(isic_val, image_size=32, batch_size=16, workers=2,
                                                 rank=rank, world_size=2):
             assert images.shape[1:] == (3, 32, 32) and images.float().std() > 10  # real pixels, not blank
             read.update(zip(keys, labels.tolist()))
     assert read == truth
-    seen = {k for _, _, ks in train_loader(tmp_path / "val", image_size=28, batch_size=16, workers=2, seed=0,
+    seen = {k for _, _, ks in train_loader(isic_val, image_size=28, batch_size=16, workers=2, seed=0,
                                            epoch=0, rank=0, world_size=1) for k in ks}
     assert seen == set(truth)
 
@@ -202,3 +213,20 @@ def test_own_tar_reader_matches_webdataset_and_names_a_truncated_shard(shards, t
     (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"shard .*cut.tar is truncated"):
         list(_read([str(tmp_path / "cut.tar")]))
+
+
+def test_bench_loader_prints_shards_next_to_the_per_file_baseline(isic_val, tmp_path, capsys):
+    from lesionkit.cli import main
+
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "loader", str(isic_val), "--workers", "2", "--batch-size", "10",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["bench"] == "loader" and record["params"]["num_samples"] == 150
+    assert record["params"]["image_size"] == 32  # default: the size the shards were packed at
+    assert set(record["cases"]) == {"shards", "shards, wds tar reader", "files (seed)"}
+    assert record["cases"]["files (seed)"]["ratio"] == 1.0
+    assert record["cases"]["shards"]["items"] == 150 and record["cases"]["files (seed)"]["items"] == 150
+    assert "files (seed)" in capsys.readouterr().out
+    assert main(["bench", "loader", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err

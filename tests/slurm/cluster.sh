@@ -119,6 +119,8 @@ JobCompType=jobcomp/none
 MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
+# Nodes may declare more CPUs than this host has (tests oversubscribe; jobs here mostly wait on I/O).
+SlurmdParameters=config_overrides
 JobRequeue=1
 KillWait=30
 MinJobAge=3600
@@ -143,10 +145,10 @@ up() {
   start_munge
   add_hosts "$names"
   export LK_SLURM_CLUSTER=$DIR
-  slurmctld -c -f "$CONF"
-  wait_for 30 slurmctld scontrol ping
-  for i in $(seq "$NODES"); do slurmd -f "$CONF" -N "lkn$i"; done
-  wait_for 60 "$NODES idle node(s)" nodes_idle
+  slurmctld -c -f "$CONF" || { down; die "slurmctld did not start; see $DIR/log"; }
+  wait_for 30 slurmctld scontrol ping || { down; die "slurmctld does not answer"; }
+  for i in $(seq "$NODES"); do slurmd -f "$CONF" -N "lkn$i" || { down; die "slurmd -N lkn$i did not start"; }; done
+  wait_for 60 "$NODES idle node(s)" nodes_idle || { down; die "nodes did not come up idle"; }
   echo "export SLURM_CONF=$CONF" >"$DIR/env.sh"
   echo "export SLURM_CONF=$CONF"
 }
@@ -205,6 +207,7 @@ down() {
   fi
   remove_hosts
   if [ "$KEEP" = 0 ]; then rm -rf "$DIR/etc" "$DIR/state" "$DIR/spool" "$DIR/run" "$DIR/env.sh"; fi
+  return 0
 }
 
 "$cmd"

@@ -1,0 +1,110 @@
+"""Faults in a real 2-process CPU DDP job (`accelerate launch --multi_gpu`, gloo): a rank killed, a rank
+hung (the collective timeout lesionkit sets ends the job), a non-finite loss seen by every rank at once."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.faults.conftest import REPO, base_env, data_args, launch_ddp
+from tests.test_train import TINY, free_port
+
+pytestmark = pytest.mark.ddp
+
+
+class Job:
+    """A launched 2-process job with its output in a file (polled while it runs)."""
+
+    def __init__(self, shards: dict, out: Path, *extra: str):
+        self.log = out.parent / f"{out.name}.log"
+        env = dict(base_env(), ACCELERATE_USE_CPU="1")
+        cmd = launch_ddp([*TINY, *data_args(shards, out), *extra], free_port())
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.output()):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.output()[-3000:]
+            time.sleep(0.1)
+
+    def rank_pid(self, rank: int) -> int:
+        """The worker process of `rank`: a child of the launcher with RANK=<rank> in its environment."""
+        for child in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split():
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in env:
+                return int(child)
+        raise AssertionError(f"no rank {rank} among the launcher's children")
+
+    def finish(self, timeout: float) -> tuple[int, float]:
+        t0 = time.monotonic()
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"job still running after {timeout} s:\n{self.output()[-3000:]}") from None
+        return rc, time.monotonic() - t0
+
+
+def test_killed_rank_ends_the_job_fast_naming_it(shards, tmp_path):
+    job = Job(shards, tmp_path / "run", "--epochs", "50")
+    job.wait_for(r"epoch 1/50", 240)  # both ranks are training (every step all-reduces)
+    victim = job.rank_pid(1)
+    job.rank_pid(0)
+    import os
+
+    os.kill(victim, signal.SIGKILL)
+    rc, seconds = job.finish(90)
+    out = job.output()
+    assert rc != 0 and seconds < 60, (rc, seconds)
+    # torchrun's ChildFailedError report names the rank and how it died
+    root = out.split("Root Cause", 1)[1]
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root) and f"pid: {victim}" in root.replace(": ", ": ")
+    assert "Signal 9 (SIGKILL)" in root, root[:2000]
+
+
+def test_hung_rank_ends_the_job_after_the_collective_timeout(shards, tmp_path):
+    """Rank 1 stops (SIGSTOP: alive, sockets open, never answering, as a rank stuck in I/O or a driver):
+    rank 0 waits in its next all-reduce exactly `collective_timeout_s`, fails, and the job ends."""
+    job = Job(shards, tmp_path / "run", "--epochs", "50", "--collective-timeout-s", "8")
+    job.wait_for(r"epoch 1/50", 240)
+    victim = job.rank_pid(1)
+    import os
+
+    os.kill(victim, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        job.wait_for(r"Timed out waiting \d+ms", 90)
+        waited = time.monotonic() - stopped
+        rc, _ = job.finish(90)
+    finally:
+        os.kill(victim, signal.SIGKILL) if Path(f"/proc/{victim}").exists() else None
+    out = job.output()
+    assert 8 <= waited < 40, waited  # the configured 8 s, not the 300 s default or gloo's 30 min
+    assert "Timed out waiting 8000ms" in out
+    assert rc != 0 and re.search(r"rank\s*:\s*0 \(local_rank: 0\)", out.split("Root Cause", 1)[1])
+
+
+def test_nonfinite_loss_stops_every_rank_at_the_same_step_keeping_the_last_checkpoint(shards, tmp_path):
+    # epoch 1 at lr 0.01 writes a good checkpoint; the step scheduler then multiplies the LR by 1e10
+    out = tmp_path / "run"
+    job = Job(shards, out, "--epochs", "3", "--max-steps-per-epoch", "3", "--gamma", "1e10")
+    rc, _ = job.finish(300)
+    text = job.output()
+    errors = re.findall(r"lesionkit train: error: non-finite loss at epoch (\d+) step (\d+) \(global step (\d+)\), "
+                        r"lr ([\d.e+]+), batch keys \[('ISIC_\d+'(?:, )?)+\]", text)
+    assert rc != 0 and len(errors) == 2, text[-3000:]  # one line from each rank ...
+    assert errors[0] == errors[1] and errors[0][0] == "1" and errors[0][3] == "1e+08"  # ... at the same step
+    assert "Traceback" not in text.split("Root Cause")[0] if "Root Cause" in text else True
+    last = (out / "last").resolve()
+    assert last.name == "epoch-0001"
+    weights = torch.load(last / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert torch.load(last / "trainer.pt", weights_only=True)["loop"]["epoch"] == 1

@@ -1,0 +1,94 @@
+"""`lesionkit bench step|e2e|pack|memory`: each prints its table and appends one valid JSON line, and memory
+does not grow with the number of samples (the CI-sized version of `bench memory`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lesionkit.cli import main
+from tests.conftest import make_shards
+
+
+def last_record(path: Path) -> dict:
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """The CI machine is shared: one torch thread keeps these runs from stalling in OpenMP barriers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_step_times_precisions_and_layouts_beside_fp32(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "step", "customnet", "--device", "cpu", "--image-size", "64", "--batch-size", "2",
+                 "--steps", "1", "--repeats", "1", "--no-compile", "--out", str(out)]) == 0
+    record = last_record(out)
+    assert record["bench"] == "step" and record["baseline"] == "fp32"
+    assert list(record["cases"]) == ["fp32", "bf16 autocast", "fp32, channels_last", "bf16 autocast, channels_last"]
+    assert record["cases"]["fp32"]["ratio"] == 1.0 and all(c["items"] == 2 for c in record["cases"].values())
+    assert record["params"]["model"] == "customnet" and record["params"]["device_name"]
+    assert "torch" in record["params"] and "host" in record
+    printed = capsys.readouterr().out
+    assert "bf16 autocast, channels_last" in printed and "vs fp32" in printed
+
+
+def test_bench_e2e_runs_the_trainer_loop_on_shards_beside_the_step(tmp_path, capsys):
+    data = tmp_path / "shards"
+    make_shards(data, n=48, num_shards=2, size=64)
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "e2e", "customnet", "--data", str(data), "--device", "cpu", "--image-size", "64",
+                 "--batch-size", "8", "--steps", "2", "--workers", "1", "--preset", "light", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    record = last_record(out)
+    assert record["bench"] == "e2e" and record["baseline"] == "step" and set(record["cases"]) == {"step", "e2e"}
+    assert all(c["items"] == 16 for c in record["cases"].values())  # 2 steps x 8 images
+    assert 0 <= record["cases"]["e2e"]["data_wait"] <= 1
+    assert record["params"]["placement"] == "workers" and record["params"]["precision"] == "fp32"
+    assert "e2e / step:" in capsys.readouterr().out
+
+
+def test_bench_e2e_names_a_folder_that_is_not_shards(tmp_path, capsys):
+    assert main(["bench", "e2e", "customnet", "--data", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from lesionkit.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    synthesize(root, 6, 0, size=64, workers=1)
+    return root / "ISIC-2017_Training_Data", root / "ISIC-2017_Training_Part3_GroundTruth.csv"
+
+
+def test_bench_pack_compares_draft_with_full_decode_and_reports_peak_memory(synthetic, tmp_path, capsys):
+    images, labels = synthetic
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "pack", str(images), "--labels", str(labels), "--size", "32", "--workers", "1",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    record = last_record(out)
+    assert record["bench"] == "pack" and record["baseline"] == "full decode"
+    for case in record["cases"].values():
+        assert case["items"] == 6 and case["rss_mb"] > 50  # a python process holding PIL, numpy, torch
+    assert "peak RSS main" in capsys.readouterr().out
+
+
+def test_memory_of_packing_and_streaming_does_not_grow_with_the_data(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "memory", "--small", "300", "--large", "3000", "--size", "32", "--workers", "2",
+                 "--shard-size", "100", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    record = last_record(out)
+    assert record["results"]["300"]["streamed"] >= 300 and record["results"]["3000"]["streamed"] >= 3000
+    assert record["results"]["3000"]["samples"] == 3000
+    assert record["max_ratio"] <= 1.5, record["ratios"]
+    assert "goal <= 1.5x" in capsys.readouterr().out
+    assert not list(tmp_path.glob("lk-bench-memory-*"))  # the temporary data is gone
