@@ -423,8 +423,9 @@ def choose_placement(device_type: str, preset: str) -> str:
 
     A GPU does it in a few ms per batch, so it stays on the device. On a CPU it competes with the training
     step for the same cores; in the workers it overlaps the step, so CPU runs use the workers unless there
-    is nothing random to do. `lesionkit bench aug` times both; on the 2-core dev box `derm` is ~1.5 % of a
-    resnet18 CPU step, so the two placements differ by less than the noise there."""
+    is nothing random to do. `lesionkit bench aug` times both; on the 2-core dev box `derm` is 1.5-3 % of a
+    resnet18 CPU step, so the placement barely matters there (the workers also pay a pipeline fill per
+    epoch)."""
     if device_type != "cpu":
         return "device"
     return "device" if preset == "none" else "workers"

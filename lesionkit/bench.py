@@ -437,7 +437,11 @@ def bench_step(args) -> int:
     device = _device(args.device)
     _threads(args.threads)
     cuda = device.type == "cuda"
-    precisions = ["fp32", "bf16"] + (["fp16"] if cuda else [])
+    precisions = args.precisions or ["fp32", "bf16"] + (["fp16"] if cuda else [])
+    if "fp16" in precisions and not cuda:
+        raise ValueError("--precisions fp16 needs a GPU")
+    if "fp32" not in precisions:
+        raise ValueError("--precisions must include fp32, the baseline")
     variants = [(p, False, False) for p in precisions] + [(p, True, False) for p in precisions]
     if args.compile:
         variants += [("fp32", False, True), ("bf16" if cuda else "fp32", cuda, True)]
@@ -664,6 +668,8 @@ def pack_probe(images: str, labels: str, out: str, size: int, workers: int, shar
     """One `pack` into `out` (removed after) in this process: seconds, images and peak memory."""
     import shutil
 
+    import webdataset  # noqa: F401 - pack imports it (and torch) lazily: seconds that are not packing
+
     from lesionkit.pack import pack
 
     start = time.perf_counter()
@@ -849,6 +855,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch.compile (optional rows; its warm-up compiles, minutes on a CPU)")
+    p.add_argument("--precisions", nargs="+", choices=tuple(PRECISIONS), metavar="P",
+                   help="fp32 (the baseline) and any of bf16 fp16 (default: all the device has; bf16 runs "
+                        "~7x slower than fp32 on CPUs without AMX)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default: torch's); 1 on a busy shared CPU")
     _add_common(p)

@@ -39,6 +39,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     freeze_epochs: int = 0  # train only the head for this many epochs first
+    freeze_blocks: int = 0  # keep the stem and this many leading feature blocks frozen all run
     # optimisation
     optimizer: str = "adam"
     lr: float = 1e-3

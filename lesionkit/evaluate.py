@@ -13,23 +13,19 @@ checkpoint folder and applied from then on by `evaluate` and `predict`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
 from lesionkit import metrics as M
+from lesionkit.inference import TTA_MODES, gather_predictions, predict_logits
 
-TTA_MODES = ("none", "flips", "d4")
 TEMPERATURE_FILE = "temperature.json"
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -39,41 +35,6 @@ class EvaluateError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- inference
-def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """The views of a square batch [B,C,S,S] that TTA averages over."""
-    if mode == "none":
-        return [x]
-    if mode == "flips":
-        return [x, x.flip(-1), x.flip(-2), x.flip(-2, -1)]
-    if mode == "d4":
-        rots = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
-        return rots + [r.flip(-1) for r in rots]
-    raise EvaluateError(f"unknown --tta {mode!r}; choose one of: {', '.join(TTA_MODES)}")
-
-
-@torch.no_grad()
-def predict_logits(model, loader, device, preprocess, tta: str = "none",
-                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
-    """(keys, labels int64 [N], logits float32 [N, V, C]) for every batch of `loader` on this process.
-
-    `preprocess` is the deterministic eval transform (resize + normalise, `build_augment("none")`);
-    the TTA views are taken after it. All views of a batch run as one forward pass.
-    """
-    model.eval()
-    keys, labels, logits = [], [], []
-    for images, y, k in loader:
-        x = preprocess(images.to(device, non_blocking=True))
-        views = tta_views(x, tta)
-        with autocast():
-            out = model(torch.cat(views)).float()
-        logits.append(out.view(len(views), x.shape[0], -1).transpose(0, 1).cpu().numpy())
-        labels.append(np.asarray(y, dtype=np.int64))
-        keys += list(k)
-    if not keys:
-        return [], np.zeros(0, np.int64), np.zeros((0, 0, 0), np.float32)
-    return keys, np.concatenate(labels), np.concatenate(logits)
-
-
 def predict_probs(model, loader, device, preprocess, tta: str = "none", temperature: float = 1.0):
     """(keys, labels, probs [N, C]): softmax(logits / T) averaged over the TTA views."""
     keys, labels, logits = predict_logits(model, loader, device, preprocess, tta)
@@ -197,23 +158,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "when it has one (offline without WANDB_API_KEY)")
 
 
-def _gather(accelerator, keys, labels, logits):
-    """All ranks' records, sorted by key; fails loudly if the reader scored a sample twice."""
-    from accelerate.utils import gather_object
-
-    records = [(k, int(y), v) for k, y, v in zip(keys, labels, logits)]
-    if accelerator.num_processes > 1:
-        records = gather_object(records)
-    records.sort(key=lambda r: r[0])
-    ids = [r[0] for r in records]
-    dupes = sorted(k for k, n in Counter(ids).items() if n > 1)
-    if dupes:
-        raise EvaluateError(f"the evaluation reader returned samples twice (e.g. {dupes[:3]})")
-    if not records:
-        return [], np.zeros(0, np.int64), np.zeros((0, 1, 0), np.float32)
-    return ids, np.array([r[1] for r in records], np.int64), np.stack([r[2] for r in records])
-
-
 def _score(accelerator, model, info, dirs, args, preprocess):
     from lesionkit.data import dataset_info, eval_loader
 
@@ -226,7 +170,7 @@ def _score(accelerator, model, info, dirs, args, preprocess):
                          rank=accelerator.process_index, world_size=accelerator.num_processes)
     keys, labels, logits = predict_logits(model, loader, accelerator.device, preprocess, args.tta,
                                           autocast=accelerator.autocast)
-    keys, labels, logits = _gather(accelerator, keys, labels, logits)
+    keys, labels, logits = gather_predictions(accelerator, keys, labels, logits)
     if len(keys) != num_samples:
         raise EvaluateError(f"scored {len(keys)} samples but the manifests of {dirs} list {num_samples}")
     if not keys:

@@ -283,6 +283,30 @@ def freeze_backbone(model: nn.Module, frozen: bool) -> None:
         p.requires_grad_(not frozen or id(p) in head)
 
 
+def _stem_and_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The input stem and the sequence of feature blocks, for the architectures that have them."""
+    if hasattr(model, "blocks") and hasattr(model, "conv_stem"):  # timm EfficientNet
+        return [model.conv_stem, model.bn1], list(model.blocks)
+    if hasattr(model, "layer4"):  # torchvision ResNet
+        return [model.conv1, model.bn1], [model.layer1, model.layer2, model.layer3, model.layer4]
+    if isinstance(model, CustomNet):
+        return [], list(model.features)
+    raise ValueError(f"freezing leading blocks is not supported for {type(model).__name__}")
+
+
+def freeze_leading_blocks(model: nn.Module, n: int) -> int:
+    """Freeze the stem and the first `n` feature blocks for the whole run; returns how many blocks stay
+    trainable. On a CPU this is what makes fine-tuning affordable: autograd then skips the backward pass
+    of the early, high-resolution layers, where most of the cost is."""
+    model = _unwrap(model)
+    stem, blocks = _stem_and_blocks(model)
+    if not 0 <= n < len(blocks):
+        raise ValueError(f"freeze_blocks must be within 0..{len(blocks) - 1} for this model, got {n}")
+    for module in (stem + blocks[:n]) if n else []:
+        module.requires_grad_(False)
+    return len(blocks) - n
+
+
 def prepare_model(model: nn.Module, channels_last: bool = False, compile: bool = False) -> nn.Module:
     """channels_last memory format (faster convs on GPUs with tensor cores and on recent CPUs) and
     `torch.compile`; the returned module may be a compile wrapper, so keep using its return value."""

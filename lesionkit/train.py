@@ -37,8 +37,16 @@ from lesionkit import checkpoint, tracking
 from lesionkit.augment import MixupCutmix, build_augment, choose_placement, soft_target_cross_entropy
 from lesionkit.config import ConfigError, TrainConfig, add_config_flags, config_from_args
 from lesionkit.data import CorruptDataError, dataset_info, error_message, eval_loader, train_loader
+from lesionkit.inference import gather_predictions, predict_logits
 from lesionkit.metrics import compute_metrics
-from lesionkit.models import create_model, freeze_backbone, input_stats, list_models
+from lesionkit.models import (
+    create_model,
+    freeze_backbone,
+    freeze_leading_blocks,
+    input_stats,
+    list_models,
+    prepare_model,
+)
 from lesionkit.optim import build_optimizer, build_scheduler, step_scheduler
 
 DEMO_SHARDS = Path("shards/demo")
@@ -68,10 +76,12 @@ def check_config(cfg: TrainConfig) -> None:
     """Fail before any process group starts, with one line that lists the valid choices."""
     if cfg.model not in list_models():
         raise ConfigError(f"unknown model {cfg.model!r}; valid models: {', '.join(list_models())}")
-    from lesionkit.augment import PRESETS
+    from lesionkit.augment import preset_params
 
-    if cfg.augment not in PRESETS:
-        raise ConfigError(f"unknown augment preset {cfg.augment!r}; valid presets: {', '.join(PRESETS)}")
+    try:
+        preset_params(cfg.augment, **cfg.augment_overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
     for split in ("train", "val"):
         for d in getattr(cfg, split):
             if not (Path(d) / "manifest.json").is_file():
@@ -129,6 +139,16 @@ def use_demo_data(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def mixed_precision(cfg: TrainConfig) -> str | None:
+    """`auto`: what `accelerate launch` configured, else bf16 on a GPU that has it (fp32's range, about twice
+    its throughput, no loss scaling); None lets Accelerate decide (fp32 on CPUs, which lack fast bf16)."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    if "ACCELERATE_MIXED_PRECISION" in os.environ or cfg.cpu or not torch.cuda.is_available():
+        return None
+    return "bf16" if torch.cuda.is_bf16_supported() else None
+
+
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -142,7 +162,7 @@ def make_accelerator(cfg: TrainConfig):
         # Without a GPU, cpu=True is what makes a multi-process launch a real (gloo) DDP job; a YAML
         # with use_cpu alone starts N unsynchronised single processes.
         cpu=cfg.cpu or not torch.cuda.is_available(),
-        mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision,
+        mixed_precision=mixed_precision(cfg),
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="wandb" if cfg.wandb else None,
         project_dir=cfg.output_dir,
@@ -179,6 +199,13 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    @staticmethod
+    def ignore_repeats():
+        """Once `last/` is saved, a repeated signal must not kill the exiting process (the default
+        action of SIGUSR1 is to terminate, with a traceback)."""
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -261,32 +288,17 @@ def train_one_epoch(cfg, accelerator, model, optimizer, loader, augment, mixup, 
     return totals
 
 
-@torch.no_grad()
 def validate(cfg, accelerator, model, loader, preprocess, classes):
     """Score every validation sample exactly once across ranks; every rank gets the same metrics."""
-    from accelerate.utils import gather_object
-
-    model.eval()
-    keys, labels, probs, loss_sum = [], [], [], 0.0
-    for images, y, k in loader:
-        images = preprocess(images.to(accelerator.device, non_blocking=True))
-        with accelerator.autocast():
-            logits = model(images).float()
-        loss_sum += F.cross_entropy(logits, y.to(logits.device), reduction="sum").item()
-        keys += list(k)
-        labels += y.tolist()
-        probs += logits.softmax(1).cpu().tolist()
-    parts = gather_object([(keys, labels, probs, loss_sum)]) if accelerator.num_processes > 1 else \
-        [(keys, labels, probs, loss_sum)]
-    all_keys = [k for p in parts for k in p[0]]
-    if len(set(all_keys)) != len(all_keys):
-        raise TrainingError("validation scored some samples twice; the evaluation reader is broken")
-    import numpy as np
-
-    y = np.array([v for p in parts for v in p[1]], dtype=np.int64)
-    p = np.array([v for p in parts for v in p[2]], dtype=np.float64).reshape(len(y), len(classes))
+    keys, labels, logits = predict_logits(model, loader, accelerator.device, preprocess, autocast=accelerator.autocast)
+    _, y, logits = gather_predictions(accelerator, keys, labels, logits)
+    logits = torch.from_numpy(logits[:, 0])
+    if not torch.isfinite(logits).all():  # every rank sees the same gathered outputs, so all stop here together
+        raise TrainingError("validation outputs are not finite: the weights diverged (lower --lr or set "
+                            "--clip-grad; the last good checkpoint is intact)")
+    p = logits.double().softmax(1).numpy()
     metrics = compute_metrics(y, p, classes)
-    metrics["loss"] = sum(part[3] for part in parts) / max(len(y), 1)
+    metrics["loss"] = F.cross_entropy(logits, torch.from_numpy(y)).item()
     return metrics, y, p
 
 
@@ -413,10 +425,9 @@ def train(cfg: TrainConfig) -> int:
 
     set_seed(cfg.seed)  # same initial weights on every rank and in every rerun
     model = create_model(cfg.model, num_classes=len(classes), pretrained=cfg.pretrained, weights=cfg.weights)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model = torch.compile(model)
+    if cfg.freeze_blocks:
+        freeze_leading_blocks(model, cfg.freeze_blocks)
+    model = prepare_model(model, channels_last=cfg.channels_last, compile=cfg.compile)
     optimizer = build_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(cfg, optimizer)
@@ -466,6 +477,7 @@ def train(cfg: TrainConfig) -> int:
         epoch, t0 = state.epoch, time.perf_counter()
         if cfg.freeze_epochs:
             freeze_backbone(accelerator.unwrap_model(model), frozen=epoch < cfg.freeze_epochs)
+            freeze_leading_blocks(accelerator.unwrap_model(model), cfg.freeze_blocks)
         loader.set_epoch(epoch)
         skip = state.step
         pbar = tqdm(total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -475,6 +487,7 @@ def train(cfg: TrainConfig) -> int:
         pbar.close()
         if totals.get("stopped"):
             save_checkpoint(cfg, accelerator, model, scheduler, ema, state, classes, {}, best=False)
+            stop.ignore_repeats()
             accelerator.print(f"lesionkit: stop requested; saved {run_dir}/last at epoch {epoch} step "
                               f"{state.step}; rerun with --resume to continue")
             status = "preempted"

@@ -7,7 +7,7 @@ from lesionkit.cli import COMMANDS
 
 
 def lesionkit(*args):
-    return subprocess.run([sys.executable, "-m", "lesionkit.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lesionkit.cli", *args], capture_output=True, text=True, check=False,
                           timeout=60, env=dict(os.environ, COLUMNS="250"))
 
 

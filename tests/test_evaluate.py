@@ -19,7 +19,7 @@ from PIL import Image
 from sklearn import metrics as skm
 from wandb_log import records
 
-from lesionkit import evaluate, predict
+from lesionkit import evaluate, inference, predict
 from lesionkit.checkpoint import write_inference_files
 from lesionkit.config import TrainConfig
 from lesionkit.models import create_model, input_stats
@@ -136,7 +136,7 @@ def test_tta_on_orientation_invariant_input_equals_plain(fx):
     model, info, _ = evaluate.load_checkpoint(fx["ckpt"])
     pre = evaluate.build_preprocess(info, "cpu")
     x = _d4_symmetric_batch()
-    for view in evaluate.tta_views(x, "d4"):
+    for view in inference.tta_views(x, "d4"):
         assert torch.equal(view, x)
     batches = [(x, torch.tensor([0, 1, 2]), ["a", "b", "c"])]
     _, _, plain = evaluate.predict_probs(model, batches, "cpu", pre, "none")
@@ -145,7 +145,7 @@ def test_tta_on_orientation_invariant_input_equals_plain(fx):
         assert np.allclose(p, plain, atol=1e-6)
     # ... while on ordinary images the views differ and TTA changes the prediction
     y = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
-    assert len({bytes(v.numpy()) for v in evaluate.tta_views(y, "d4")}) == 8
+    assert len({bytes(v.numpy()) for v in inference.tta_views(y, "d4")}) == 8
     _, _, p0 = evaluate.predict_probs(model, [(y, torch.zeros(3), list("xyz"))], "cpu", pre, "none")
     _, _, p8 = evaluate.predict_probs(model, [(y, torch.zeros(3), list("xyz"))], "cpu", pre, "d4")
     assert not np.allclose(p0, p8, atol=1e-6)

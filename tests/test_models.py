@@ -196,3 +196,19 @@ def test_prepare_model_channels_last_and_wrapped_head():
             self.module = module
 
     assert [p.shape for p in head_parameters(Wrapper(model))] == [p.shape for p in model.head.parameters()]
+
+
+@pytest.mark.parametrize("name,blocks", [("customnet", 5), ("resnet18", 4), ("efficientnet_lite0", 7)])
+def test_freeze_leading_blocks_freezes_stem_and_first_blocks_only(name, blocks):
+    from lesionkit.models import freeze_leading_blocks
+
+    model = create_model(name)
+    assert freeze_leading_blocks(model, 2) == blocks - 2
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+    head = {f"{model.head_name}.{n}" for n, _ in model.get_submodule(model.head_name).named_parameters()}
+    assert not frozen & head
+    with pytest.raises(ValueError, match="freeze_blocks must be within"):
+        freeze_leading_blocks(create_model(name), blocks)

@@ -18,7 +18,7 @@ def records(path: Path):
     from wandb.proto import wandb_internal_pb2
 
     data = Path(path).read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    ident, magic, _version = struct.unpack("<4sHB", data[:7])
     assert ident == b":W&B" and magic == 0xBEE1, f"{path} is not a W&B transaction log"
     pos, pending = 7, b""
     while pos + HEADER <= len(data):

@@ -1,0 +1,59 @@
+#!/bin/bash
+# The GPU performance check of issue 8, in one run on any CUDA machine (about 5-8 minutes on one H100):
+#   bash jobs/gpu_bench.sh                 # results in bench-gpu/gpu_bench.jsonl (+ nvidia-smi.txt, logs)
+#   LK_BENCH_OUT=/somewhere LK_BENCH_COMPILE=1 bash jobs/gpu_bench.sh
+# 1. synthesizes LK_BENCH_N images at 224 px and packs them (stored at the training size: the loader
+#    decodes 224 px JPEGs and never resizes), 1 shard per 500 images so 16 workers each stream several;
+# 2. `bench step resnet18`: the model alone, fp32 vs bf16/fp16 autocast, channels_last (batch 256, 224 px);
+# 3. `bench aug`: each preset beside a resnet18 step (batch 256, 224 px);
+# 4. `bench e2e resnet18`: the real loop, bf16 + channels_last + derm preset + 16 loader workers, beside
+#    the step of the same model/batch in the same run (goal: e2e >= 0.9x step, >= 8,000 images/s on an H100);
+# 5. optional, LK_BENCH_COMPILE=1: `bench step` again with torch.compile rows (compiling takes minutes).
+# Every benchmark appends one JSON line (host, torch, device name, all parameters) to the same file.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+LK=${LK_BENCH_LESIONKIT:-$REPO/.venv/bin/lesionkit}
+[ -x "$LK" ] || LK=$(command -v lesionkit) || { echo "no lesionkit executable (set LK_BENCH_LESIONKIT)" >&2; exit 2; }
+OUT=${LK_BENCH_OUT:-$REPO/bench-gpu}
+N=${LK_BENCH_N:-16000}           # 62 batches of 256: 40-step passes never run short, several seconds each
+WORKERS=${LK_BENCH_WORKERS:-16}
+DATA=${LK_BENCH_DATA:-$OUT/data}
+RESULTS=$OUT/gpu_bench.jsonl
+mkdir -p "$OUT"
+
+log() { echo "[gpu_bench $(date +%H:%M:%S)] $*"; }
+PY=$(dirname "$LK")/python
+"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "gpu_bench: no CUDA device visible to torch ($PY)" >&2; exit 2; }
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+log "device: $(head -12 "$OUT/nvidia-smi.txt" | grep -m1 -o 'NVIDIA [A-Za-z0-9 -]*' || echo unknown); results -> $RESULTS"
+
+if [ ! -f "$DATA/shards/manifest.json" ]; then
+  log "synthesizing $N images at 224 px and packing them"
+  "$LK" synth "$DATA/synth" --n-train "$N" --n-val 0 --size 224 --workers "$WORKERS" --force
+  "$LK" pack --images "$DATA/synth/ISIC-2017_Training_Data" \
+    --labels "$DATA/synth/ISIC-2017_Training_Part3_GroundTruth.csv" \
+    --out "$DATA/shards" --size 224 --shard-size 500 --workers "$WORKERS" --force
+fi
+
+log "bench step resnet18"
+"$LK" bench step resnet18 --device cuda --batch-size 256 --image-size 224 --steps 20 --repeats 5 \
+  --no-compile --out "$RESULTS" | tee "$OUT/step.log"
+
+log "bench aug"
+"$LK" bench aug --device cuda --batch-size 256 --image-size 224 --workers "$WORKERS" --repeats 5 \
+  --placement-batches 10 --out "$RESULTS" | tee "$OUT/aug.log"
+
+log "bench e2e resnet18"
+"$LK" bench e2e resnet18 --data "$DATA/shards" --device cuda --batch-size 256 --image-size 224 \
+  --steps 40 --repeats 3 --workers "$WORKERS" --preset derm --precision bf16 --channels-last \
+  --out "$RESULTS" | tee "$OUT/e2e.log"
+
+if [ "${LK_BENCH_COMPILE:-0}" = 1 ]; then
+  log "bench step resnet18 with torch.compile"
+  "$LK" bench step resnet18 --device cuda --batch-size 256 --image-size 224 --steps 20 --repeats 3 \
+    --compile --out "$RESULTS" | tee "$OUT/step_compile.log"
+fi
+log "done: $(wc -l < "$RESULTS") JSON lines in $RESULTS"
