@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from lesionkit import metrics as M
+from lesionkit.atomic import replace_dir, write_json
 from lesionkit.inference import TTA_MODES, gather_predictions, predict_logits
 
 TEMPERATURE_FILE = "temperature.json"
@@ -80,12 +80,6 @@ def build_preprocess(info: dict, device):
                          color_constancy=bool(info.get("color_constancy", False))).eval().to(device)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def write_dir_atomic(out: Path, fill: Callable[[Path], None]) -> Path:
     """Build `out` in a sibling temp folder with `fill(tmp)`, then swap it into place."""
     out = Path(out)
@@ -94,13 +88,7 @@ def write_dir_atomic(out: Path, fill: Callable[[Path], None]) -> Path:
     try:
         fill(tmp)
         tmp.chmod(0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -276,7 +264,7 @@ def _run(args, accelerator) -> int:
 
     write_dir_atomic(out, fill)
     if args.fit_temperature:
-        write_json_atomic(Path(args.checkpoint) / TEMPERATURE_FILE,
+        write_json(Path(args.checkpoint) / TEMPERATURE_FILE,
                           {"temperature": temperature, "fitted_on": [str(d) for d in args.data],
                            "n": int(labels.size), "tta": args.tta})
         print(f"lesionkit evaluate: temperature {temperature:.4f} saved to "

@@ -30,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from lesionkit import __version__
+from lesionkit.atomic import replace_dir
 from lesionkit.ingest import IngestError, collect, name_some
 
 FORMAT_VERSION = 1
@@ -186,18 +187,6 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move tmp to out; an existing out (only reached with force) is renamed away first, then deleted,
-    so at every instant out is either the complete old or the complete new folder."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-
-
 def pack(images: str | Path, labels: str | Path, out: str | Path, size: int = 256, quality: int = 95,
          shard_size: int = 1000, workers: int | None = None, seed: int = 0, skip_bad: bool = False,
          force: bool = False, metadata: str | Path | None = None, draft: bool = True,
@@ -265,7 +254,7 @@ def pack(images: str | Path, labels: str | Path, out: str | Path, size: int = 25
             "skipped": skipped,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         encoded.close()  # stops the worker pool now, not whenever the generator is collected
         shutil.rmtree(tmp, ignore_errors=True)

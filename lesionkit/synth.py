@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from threadpoolctl import threadpool_limits
 
+from lesionkit.atomic import replace_dir
+
 CLASSES = ("nevus", "melanoma", "seborrheic_keratosis")
 ISIC2017_PRIORS = (0.69, 0.19, 0.12)
 SPLITS = (("Training", 0), ("Validation", 1))
@@ -371,13 +373,7 @@ def synthesize(out, n_train: int, n_val: int, size: int = 256, seed: int = 0, pr
                        [(i, *meta[start + k]) for k, i in enumerate(ids)])
         (tmp / "lesionkit_synth.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-        if out.exists():  # empty, or replaced under --force: move aside, swap in, then delete
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "data")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)  # an existing OUT is empty here, or replaced under --force
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

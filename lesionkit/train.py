@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from lesionkit import checkpoint, tracking
+from lesionkit.atomic import write_json
 from lesionkit.augment import MixupCutmix, build_augment, choose_placement, soft_target_cross_entropy
 from lesionkit.config import ConfigError, TrainConfig, add_config_flags, config_from_args
 from lesionkit.data import CorruptDataError, dataset_info, error_message, eval_loader, train_loader
@@ -379,12 +380,6 @@ def format_row(row: dict, header: bool = False) -> str:
     return " ".join(f"{fmt(row.get(c)):>{w}}" for c, w in zip(EPOCH_COLUMNS, widths))  # .get: older histories
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -511,7 +506,7 @@ def train(cfg: TrainConfig) -> int:
                                "train/skipped_corrupt": row["corrupt"], "train/skipped_nonfinite": row["nonfinite"]},
                             step=state.global_step)
             tracking.log_eval_plots(accelerator, val_y, val_p, classes, state.global_step)
-            write_json_atomic(run_dir / "metrics.json", {"epoch": epoch + 1, "best": state.best,
+            write_json(run_dir / "metrics.json", {"epoch": epoch + 1, "best": state.best,
                                                          "monitor": cfg.monitor, **metrics})
         if cfg.early_stop_patience and state.bad_epochs >= cfg.early_stop_patience:
             accelerator.print(f"lesionkit: early stopping at epoch {epoch + 1}: {cfg.monitor} has not "
@@ -528,9 +523,9 @@ def finish(cfg, accelerator, model, state, status: str) -> None:
     digests = gather_object([weights_digest(accelerator.unwrap_model(model))])
     if accelerator.is_main_process:
         run_dir = Path(cfg.output_dir)
-        write_json_atomic(run_dir / "world.json", {"world_size": accelerator.num_processes,
+        write_json(run_dir / "world.json", {"world_size": accelerator.num_processes,
                                                    "weights_sha256": digests})
-        write_json_atomic(run_dir / "status.json", {"status": status, "epoch": state.epoch,
+        write_json(run_dir / "status.json", {"status": status, "epoch": state.epoch,
                                                     "step": state.step, "best": state.best})
         if status == "completed" and state.history:
             last = state.history[-1]
