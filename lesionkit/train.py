@@ -529,9 +529,9 @@ def finish(cfg, accelerator, model, state, status: str) -> None:
                                                     "step": state.step, "best": state.best})
         if status == "completed" and state.history:
             last = state.history[-1]
+            aucs = ", ".join(f"{k[4:]} {v:.3f}" for k, v in last.items() if k.startswith("auc_") and v is not None)
             accelerator.print(f"lesionkit: done. best {cfg.monitor} {state.best:.4f}; final validation AUCs: "
-                              f"melanoma {last['auc_melanoma']}, seborrheic keratosis "
-                              f"{last['auc_seborrheic_keratosis']}; checkpoints in {run_dir}/best, {run_dir}/last")
+                              f"{aucs}; checkpoints in {run_dir}/best, {run_dir}/last")
         note = tracking.describe(accelerator)
         if note:
             print(note, flush=True)
