@@ -1,5 +1,6 @@
 """Write files and folders so that readers (and crashes) only ever see the old or the complete new
-version: build beside the target, then rename into place."""
+version: build beside the target, flush it to disk, then rename into place (and flush the rename),
+so neither a crash nor a power cut leaves a name pointing at half-written bytes."""
 from __future__ import annotations
 
 import json
@@ -8,11 +9,36 @@ import shutil
 from pathlib import Path
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of a folder (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file and folder below `root` (before renaming it into place)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
 def write_json(path: str | Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def replace_dir(tmp: str | Path, out: str | Path) -> None:

@@ -93,8 +93,9 @@ def _count_images(loader, epochs: int) -> int:
 def bench_loader(args) -> int:
     import torch
 
-    from lesionkit.data import read_manifest, read_with_webdataset, train_loader
+    from lesionkit.data import read_with_webdataset, train_loader
     from lesionkit.ingest import collect
+    from lesionkit.pack import read_manifest
 
     manifest = read_manifest(args.dir)
     images = args.images or manifest["sources"]["images"]
@@ -589,8 +590,8 @@ def bench_e2e(args) -> int:
     import os
 
     from lesionkit.augment import PRESETS
-    from lesionkit.data import read_manifest
     from lesionkit.models import list_models
+    from lesionkit.pack import read_manifest
 
     if args.model not in list_models():
         raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(list_models())}")

@@ -8,7 +8,7 @@ Layout of a run folder::
     runs/NAME/last -> checkpoints/...      symlinks, swapped atomically
     runs/NAME/best -> checkpoints/...
 
-A checkpoint is written into `checkpoints/.tmp-*`, renamed into place when complete, and only then
+A checkpoint is written into `checkpoints/.tmp-*`, flushed to disk (fsync), renamed into place, and only then
 are the `last`/`best` links swapped (os.replace), so a crash or a full disk at any moment leaves the
 previous checkpoint whole. Everything is loaded with `torch.load(weights_only=True)`: a checkpoint
 file carrying a pickled code payload is refused instead of executed.
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lesionkit.atomic import fsync_dir, fsync_tree
 from lesionkit.config import TrainConfig, load_config, save_config
 from lesionkit.models import create_model
 
@@ -96,10 +97,13 @@ def publish(run_dir: Path, name: str, best: bool) -> Path:
     final = run_dir / "checkpoints" / name
     if final.exists():
         shutil.rmtree(final)
+    fsync_tree(staging_dir(run_dir, name))
     os.replace(staging_dir(run_dir, name), final)
+    fsync_dir(final.parent)
     _swap_link(run_dir / "last", name)
     if best:
         _swap_link(run_dir / "best", name)
+    fsync_dir(run_dir)
     keep = {resolve(run_dir / link) for link in ("last", "best")}
     for old in (run_dir / "checkpoints").iterdir():
         if old.resolve() not in keep:

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+TTA_MODES = ("none", "flips", "d4")  # test-time views (`lesionkit.inference.tta_views`)
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,7 @@ class TrainConfig:
     color_constancy: bool = False
     # validation, selection
     monitor: str = "isic2017_score"
+    val_tta: str = "none"  # none | flips | d4: validate on averaged views, as `evaluate --tta` scores
     early_stop_patience: int = 0  # 0 = off
     ema_decay: float = 0.0  # 0 = off
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf instead of stopping
@@ -90,6 +92,7 @@ CHOICES = {
     "scheduler": ("none", "step", "plateau", "cosine"),
     "augment_placement": ("auto", "device", "workers"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "val_tta": TTA_MODES,
 }
 
 

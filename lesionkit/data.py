@@ -22,10 +22,10 @@ from __future__ import annotations
 import bisect
 import io
 import itertools
-import json
 import logging
 import math
 import multiprocessing
+import os
 import random
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,8 +40,8 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+from lesionkit.pack import MANIFEST, read_manifest
+
 DRAFT_FACTOR = 2  # stored shorter side >= 2x the training size: decode with PIL draft (DCT scaling)
 
 log = logging.getLogger(__name__)
@@ -56,28 +56,6 @@ def error_message(exc: BaseException) -> str:
     of its traceback (`Caught CorruptDataError in DataLoader worker process 0. Original Traceback ...`)."""
     text, marker = str(exc), f"{CorruptDataError.__module__}.{CorruptDataError.__name__}: "
     return text.rsplit(marker, 1)[1].strip() if marker in text else text.strip()
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """manifest.json of a shard folder, checked for the format version this reader understands."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"shard folder not found: {folder}")
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {folder} is not a shard folder written by `lesionkit pack`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable manifest ({exc})") from exc
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: shard format_version {version!r} is not supported (this lesionkit reads "
-                         f"{FORMAT_VERSION}); repack with `lesionkit pack`")
-    missing = [k for k in ("classes", "num_samples", "shards") if k not in manifest]
-    if missing:
-        raise ValueError(f"{path}: manifest lacks {', '.join(missing)}")
-    return manifest
 
 
 def _as_list(dirs) -> list[Path]:
@@ -201,48 +179,52 @@ def _collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str
 
 def _tar_samples(url: str) -> Iterator[dict]:
     """Samples of one shard, `{"__key__", "__url__", ext: bytes}` as wds groups them (key = member name up
-    to the first dot of its base name). A lean ustar/pax walk over the file read in one go: wds's
+    to the first dot of its base name). A lean ustar/pax walk, one member in memory at a time: wds's
     generic tarfile pipeline costs ~1.5 ms per sample, as much as decoding the JPEG itself, and this
     ~0.1 ms (`lesionkit bench loader` shows both). Truncated or garbled shards raise naming the shard."""
     with open(url, "rb") as f:
-        buf = f.read()
-    off, end, sample, long_name = 0, len(buf), None, None
-    while off + 512 <= end and buf[off] != 0:
-        header = buf[off:off + 512]
-        try:
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            name = (header[345:500].split(b"\0", 1)[0] + b"/" if header[345] and header[257:262] == b"ustar"
-                    else b"") + header[:100].split(b"\0", 1)[0]
-        except ValueError:
-            raise CorruptDataError(f"shard {url} is corrupt: bad tar header at byte {off}") from None
-        kind, data = header[156:157], off + 512
-        off = data + (size + 511) // 512 * 512
-        if off > end:
-            raise CorruptDataError(f"shard {url} is truncated: member {name.decode(errors='replace')} ends "
-                                   f"past byte {end}")
-        if kind == b"x":  # pax extended header: only a long `path` matters here
-            for record in buf[data:data + size].split(b"\n"):
-                if b" path=" in record:
-                    long_name = record.split(b" path=", 1)[1]
-            continue
-        if kind == b"L":  # GNU long name
-            long_name = buf[data:data + size].rstrip(b"\0")
-            continue
-        if long_name is not None:
-            name, long_name = long_name, None
-        if kind not in (b"0", b"\0", b"7"):
-            continue
-        name = name.decode("utf-8")
-        folder, _, base = name.rpartition("/")
-        stem, dot, ext = base.partition(".")
-        if not dot:
-            continue
-        key = f"{folder}/{stem}" if folder else stem
-        if sample is None or sample["__key__"] != key:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": url}
-        sample[ext] = buf[data:data + size]
+        end = os.fstat(f.fileno()).st_size
+        off, sample, long_name = 0, None, None
+        while off + 512 <= end:
+            header = f.read(512)
+            if header[0] == 0:  # end-of-archive blocks
+                break
+            try:
+                size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+                name = (header[345:500].split(b"\0", 1)[0] + b"/" if header[345] and header[257:262] == b"ustar"
+                        else b"") + header[:100].split(b"\0", 1)[0]
+            except ValueError:
+                raise CorruptDataError(f"shard {url} is corrupt: bad tar header at byte {off}") from None
+            kind, padded = header[156:157], (size + 511) // 512 * 512
+            off += 512 + padded
+            if off > end:
+                raise CorruptDataError(f"shard {url} is truncated: member {name.decode(errors='replace')} ends "
+                                       f"past byte {end}")
+            payload = f.read(size)
+            f.seek(padded - size, os.SEEK_CUR)
+            if kind == b"x":  # pax extended header: only a long `path` matters here
+                for record in payload.split(b"\n"):
+                    if b" path=" in record:
+                        long_name = record.split(b" path=", 1)[1]
+                continue
+            if kind == b"L":  # GNU long name
+                long_name = payload.rstrip(b"\0")
+                continue
+            if long_name is not None:
+                name, long_name = long_name, None
+            if kind not in (b"0", b"\0", b"7"):
+                continue
+            name = name.decode("utf-8")
+            folder, _, base = name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot:
+                continue
+            key = f"{folder}/{stem}" if folder else stem
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            sample[ext] = payload
     if sample is not None:
         yield sample
 

@@ -34,6 +34,22 @@ class EvaluateError(ValueError):
     """Bad input for evaluate/predict; the message names the culprit and is shown as is."""
 
 
+def exit_on_error(command: str, body: Callable[[], int]) -> int:
+    """Run a command's body; a bad input ends it with one line on stderr and no traceback: exit 2 for
+    flags, checkpoints and class lists (as `train` does for its config), 1 for corrupt data met while
+    reading (as `train` does), so scripts can tell "fix the command" from "fix the data"."""
+    from lesionkit.data import CorruptDataError, error_message
+
+    try:
+        return body()
+    except EvaluateError as exc:
+        message, code = str(exc), 2
+    except CorruptDataError as exc:
+        message, code = error_message(exc), 1
+    print(f"lesionkit {command}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 # ----------------------------------------------------------------------------------------- inference
 def predict_probs(model, loader, device, preprocess, tta: str = "none", temperature: float = 1.0):
     """(keys, labels, probs [N, C]): softmax(logits / T) averaged over the TTA views."""
@@ -214,10 +230,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     accelerator = Accelerator()
-    try:
-        return _run(args, accelerator)
-    except EvaluateError as exc:
-        raise SystemExit(f"lesionkit evaluate: error: {exc}") from None
+    return exit_on_error("evaluate", lambda: _run(args, accelerator))
 
 
 def _run(args, accelerator) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-TTA_MODES = ("none", "flips", "d4")
+from lesionkit.config import TTA_MODES
 
 
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:

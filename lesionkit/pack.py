@@ -33,7 +33,8 @@ from lesionkit import __version__
 from lesionkit.atomic import replace_dir
 from lesionkit.ingest import IngestError, collect, name_some
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the shard layout + manifest; readers refuse any other
+MANIFEST = "manifest.json"
 SHARD_NAME = "shard-{:06d}.tar"
 # Like PIL's thumbnail(reducing_gap=2): decode at >= 2x the target size so Lanczos still has
 # pixels to filter; decoding right at the target size would alias.
@@ -47,6 +48,28 @@ log = logging.getLogger(__name__)
 
 class PackError(RuntimeError):
     """Packing failed on bad input; the message names the culprit and is meant for the user."""
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """manifest.json of a shard folder, checked for the format version this reader understands."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"shard folder not found: {folder}")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {folder} is not a shard folder written by `lesionkit pack`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable manifest ({exc})") from exc
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: shard format_version {version!r} is not supported (this lesionkit reads "
+                         f"{FORMAT_VERSION}); repack with `lesionkit pack`")
+    missing = [k for k in ("classes", "num_samples", "shards") if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks {', '.join(missing)}")
+    return manifest
 
 
 def encode_image(path: str | Path, size: int, quality: int, draft: bool = True) -> tuple[bytes, int, int]:
@@ -253,7 +276,7 @@ def pack(images: str | Path, labels: str | Path, out: str | Path, size: int = 25
                         "metadata": str(Path(metadata).absolute()) if metadata is not None else None},
             "skipped": skipped,
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(tmp, out)
     except BaseException:
         encoded.close()  # stops the worker pool now, not whenever the generator is collected

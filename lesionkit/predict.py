@@ -32,6 +32,7 @@ from lesionkit.evaluate import (
     EvaluateError,
     build_preprocess,
     check_classes,
+    exit_on_error,
     load_checkpoint,
     predict_probs,
 )
@@ -135,10 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except EvaluateError as exc:
-        raise SystemExit(f"lesionkit predict: error: {exc}") from None
+    return exit_on_error("predict", lambda: _run(args))
 
 
 def _run(args) -> int:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lesionkit.data import read_manifest
-from lesionkit.pack import sha256_file
+from lesionkit.pack import read_manifest, sha256_file
 
 
 class StatsError(ValueError):

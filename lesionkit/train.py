@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -39,7 +40,7 @@ from lesionkit.augment import MixupCutmix, build_augment, choose_placement, soft
 from lesionkit.config import ConfigError, TrainConfig, add_config_flags, config_from_args
 from lesionkit.data import CorruptDataError, dataset_info, error_message, eval_loader, train_loader
 from lesionkit.inference import gather_predictions, predict_logits
-from lesionkit.metrics import compute_metrics
+from lesionkit.metrics import compute_metrics, softmax_views
 from lesionkit.models import (
     create_model,
     freeze_backbone,
@@ -212,17 +213,14 @@ class StopRequest:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def total(accelerator, *values: float) -> list[float]:
-    """Sum a few numbers over all ranks; every rank gets the sums."""
-    t = torch.tensor([float(v) for v in values], device=accelerator.device)
+def total(accelerator, *values) -> list[float]:
+    """Sum a few numbers (floats, bools or 0-d device tensors) over all ranks in one collective; every
+    rank gets the sums. One host-device sync however many values, so the loop pays one per step."""
+    t = torch.stack([v.float().reshape(()) if torch.is_tensor(v)  # device values stay there (no sync)
+                     else torch.full((), float(v), device=accelerator.device) for v in values])
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="sum")
     return t.tolist()
-
-
-def agree(accelerator, *flags: bool) -> list[bool]:
-    """All-reduce a few flags (true anywhere = true everywhere), so every rank takes the same branch."""
-    return [x > 0 for x in total(accelerator, *flags)]
 
 
 def train_one_epoch(cfg, accelerator, model, optimizer, loader, augment, mixup, class_weights, state, stop,
@@ -251,7 +249,9 @@ def train_one_epoch(cfg, accelerator, model, optimizer, loader, augment, mixup, 
                 loss = soft_target_cross_entropy(logits, targets, weight=class_weights)
             else:
                 loss = F.cross_entropy(logits, labels, weight=class_weights, label_smoothing=cfg.label_smoothing)
-            nonfinite, stop_now = agree(accelerator, not torch.isfinite(loss).item(), stop.requested)
+            # the step's only sync: every rank learns if any loss is non-finite or any rank must stop
+            bad, stops, loss_sum = total(accelerator, ~torch.isfinite(loss.detach()), stop.requested, loss.detach())
+            nonfinite, stop_now, step_loss = bad > 0, stops > 0, loss_sum / accelerator.num_processes
             if nonfinite and not cfg.skip_nonfinite:
                 raise TrainingError(
                     f"non-finite loss at epoch {state.epoch} step {step} (global step {state.global_step}), "
@@ -269,7 +269,7 @@ def train_one_epoch(cfg, accelerator, model, optimizer, loader, augment, mixup, 
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None and accelerator.sync_gradients:
                     ema.update_parameters(accelerator.unwrap_model(model))
-                totals["loss"] += loss.item() * labels.shape[0]
+                totals["loss"] += step_loss * labels.shape[0]
                 totals["n"] += labels.shape[0]
         state.step, state.global_step = step + 1, state.global_step + 1
         now = time.perf_counter()
@@ -278,9 +278,9 @@ def train_one_epoch(cfg, accelerator, model, optimizer, loader, augment, mixup, 
         tick = now
         if pbar is not None:
             pbar.update(1)
-            pbar.set_postfix(loss=f"{loss.item():.3f}")
+            pbar.set_postfix(loss=f"{step_loss:.3f}")
         if accelerator.is_main_process and state.global_step % 10 == 0:
-            accelerator.log({"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]},
+            accelerator.log({"train/loss": step_loss, "train/lr": optimizer.param_groups[0]["lr"]},
                             step=state.global_step)
         if stop_now:
             totals["stopped"] = True
@@ -290,16 +290,17 @@ def train_one_epoch(cfg, accelerator, model, optimizer, loader, augment, mixup, 
 
 
 def validate(cfg, accelerator, model, loader, preprocess, classes):
-    """Score every validation sample exactly once across ranks; every rank gets the same metrics."""
-    keys, labels, logits = predict_logits(model, loader, accelerator.device, preprocess, autocast=accelerator.autocast)
+    """Score every validation sample exactly once across ranks (averaging `val_tta` views, as `evaluate
+    --tta` does); every rank gets the same metrics."""
+    keys, labels, logits = predict_logits(model, loader, accelerator.device, preprocess, cfg.val_tta,
+                                          autocast=accelerator.autocast)
     _, y, logits = gather_predictions(accelerator, keys, labels, logits)
-    logits = torch.from_numpy(logits[:, 0])
-    if not torch.isfinite(logits).all():  # every rank sees the same gathered outputs, so all stop here together
+    if not np.isfinite(logits).all():  # every rank sees the same gathered outputs, so all stop here together
         raise TrainingError("validation outputs are not finite: the weights diverged (lower --lr or set "
                             "--clip-grad; the last good checkpoint is intact)")
-    p = logits.double().softmax(1).numpy()
+    p = softmax_views(logits)
     metrics = compute_metrics(y, p, classes)
-    metrics["loss"] = F.cross_entropy(logits, torch.from_numpy(y)).item()
+    metrics["loss"] = float(-np.log(np.maximum(p[np.arange(len(y)), y], 1e-12)).mean())
     return metrics, y, p
 
 

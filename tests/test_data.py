@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import CLASSES, make_shards
 
-from lesionkit.data import dataset_info, eval_loader, read_manifest, train_loader
+from lesionkit.data import dataset_info, eval_loader, train_loader
+from lesionkit.pack import read_manifest
 
 # torchvision 0.29 marks its JPEG decoder deprecated (in favour of TorchCodec); it is still the fastest here.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")

@@ -16,9 +16,9 @@ def test_tiny_cnn_on_synthetic_data_beats_chance(tmp_path):
     for split, name in (("train", "Training"), ("val", "Validation")):
         pack(images=tmp_path / "raw" / f"ISIC-2017_{name}_Data", shard_size=100, workers=1, size=48,
              labels=tmp_path / "raw" / f"ISIC-2017_{name}_Part3_GroundTruth.csv", out=tmp_path / split)
-    # 600 images / batch 16 = 37 steps per epoch x 8 epochs = 296 steps
+    # 600 images / batch 16 = 38 steps per epoch x 12 epochs = 456 steps (measured: min AUC 0.74, score 0.77)
     cmd = [sys.executable, str(REPO / "lesionkit" / "train.py"), "--config", "demo", "--image-size", "48",
-           "--batch-size", "16", "--epochs", "8", "--workers", "1", "--no-wandb", "--mixed-precision", "no",
+           "--batch-size", "16", "--epochs", "12", "--workers", "1", "--no-wandb", "--mixed-precision", "no",
            "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--output-dir", str(tmp_path / "run")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=REPO)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

@@ -230,13 +230,15 @@ def test_bad_input_names_culprit_and_writes_nothing(fx, tmp_path, case, capsys):
     src = ["--images", str(imgs)] if case in ("empty", "bad_image", "isic2017_classes") else ["--data", str(fx["test"])]
     with pytest.raises(SystemExit) as exc:
         predict.main(["--checkpoint", str(ckpt), *src, "--out", str(out), "--workers", "0"])
-    assert str(exc.value).startswith("lesionkit predict: error:") and expect in str(exc.value)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("lesionkit predict: error:") and expect in err, err
     assert not out.parent.exists()
     if case in ("classes", "model"):
         with pytest.raises(SystemExit) as exc:
             evaluate.main(["--checkpoint", str(ckpt), "--data", str(fx["test"]), "--out", str(tmp_path / "ev"),
                            "--workers", "0"])
-        assert str(exc.value).startswith("lesionkit evaluate: error:") and expect in str(exc.value)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("lesionkit evaluate: error:") and expect in err, err
         assert not (tmp_path / "ev").exists() and not list(tmp_path.glob(".ev.tmp-*"))
 
 

@@ -120,6 +120,21 @@ def test_two_process_ddp_agrees_with_single_process(tmp_path, tiny_shards, singl
         assert mine[key] == pytest.approx(info["metrics"][key], abs=1e-6), key
 
 
+def test_validation_tta_scores_as_evaluate_tta_does(tmp_path, tiny_shards, single):
+    from lesionkit import evaluate
+
+    out = tmp_path / "tta"
+    train(out, tiny_shards, "--epochs", "1", "--val-tta", "flips")
+    logged = history(out)[0]
+    assert evaluate.main(["--checkpoint", str(out / "last"), "--data", str(tiny_shards["val"]), "--tta", "flips",
+                          "--bootstrap", "0", "--workers", "0", "--out", str(tmp_path / "ev")]) == 0
+    scored = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for key in ("auc_melanoma", "auc_seborrheic_keratosis", "isic2017_score"):
+        assert logged[key] == pytest.approx(scored[key], abs=1e-6), key
+    # the views really were averaged: the same epoch-1 weights (same seed) score differently without them
+    assert logged["val_loss"] != pytest.approx(history(single)[0]["val_loss"], abs=1e-9)
+
+
 def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path, tiny_shards):
     out = tmp_path / "early"
     # lr 0: the score never improves after epoch 1, so patience 1 stops after epoch 2 (of 6)

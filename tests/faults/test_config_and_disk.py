@@ -88,7 +88,7 @@ def test_evaluate_refuses_data_with_another_class_set(zygote, one_epoch, tmp_pat
     rc, out = zygote.run(["evaluate", "--checkpoint", one_epoch / "last", "--data", tmp_path / "two",
                           "--workers", "0", "--out", tmp_path / "eval"], tmp_path / "log", timeout=60)
     lines = [x for x in out.splitlines() if x.startswith("lesionkit evaluate: error:")]
-    assert rc != 0 and len(lines) == 1 and "Traceback" not in out, out[-3000:]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in out, out[-3000:]
     assert "seborrheic_keratosis" in lines[0] and "['nevus', 'melanoma']" in lines[0]
     assert not (tmp_path / "eval").exists()
 
