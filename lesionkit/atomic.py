@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 
-def fsync_dir(path: str | Path) -> None:
-    """Make the entries of a folder (a rename into it) durable."""
+def fsync(path: str | Path) -> None:
+    """Flush a file's bytes, or a folder's entries (a rename into it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -22,12 +22,8 @@ def fsync_tree(root: str | Path) -> None:
     """Flush every file and folder below `root` (before renaming it into place)."""
     for folder, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(folder)
+            fsync(os.path.join(folder, name))
+        fsync(folder)
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -38,7 +34,7 @@ def write_json(path: str | Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync(path.parent)
 
 
 def replace_dir(tmp: str | Path, out: str | Path) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lesionkit.atomic import fsync_dir, fsync_tree
+from lesionkit.atomic import fsync, fsync_tree
 from lesionkit.config import TrainConfig, load_config, save_config
 from lesionkit.models import create_model
 
@@ -97,13 +97,14 @@ def publish(run_dir: Path, name: str, best: bool) -> Path:
     final = run_dir / "checkpoints" / name
     if final.exists():
         shutil.rmtree(final)
-    fsync_tree(staging_dir(run_dir, name))
-    os.replace(staging_dir(run_dir, name), final)
-    fsync_dir(final.parent)
+    staged = staging_dir(run_dir, name)
+    fsync_tree(staged)
+    os.replace(staged, final)
+    fsync(final.parent)
     _swap_link(run_dir / "last", name)
     if best:
         _swap_link(run_dir / "best", name)
-    fsync_dir(run_dir)
+    fsync(run_dir)
     keep = {resolve(run_dir / link) for link in ("last", "best")}
     for old in (run_dir / "checkpoints").iterdir():
         if old.resolve() not in keep:

@@ -300,7 +300,7 @@ def validate(cfg, accelerator, model, loader, preprocess, classes):
                             "--clip-grad; the last good checkpoint is intact)")
     p = softmax_views(logits)
     metrics = compute_metrics(y, p, classes)
-    metrics["loss"] = float(-np.log(np.maximum(p[np.arange(len(y)), y], 1e-12)).mean())
+    metrics["loss"] = metrics["nll"]  # cross-entropy of the (view-averaged) probabilities
     return metrics, y, p
 
 
