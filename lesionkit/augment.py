@@ -30,7 +30,7 @@ Presets (p = per-sample probability; ranges are uniform):
 | noise     | 0    | 0     | .2, std up to .03                            | .3, std up to .05               |
 | grayscale | 0    | 0     | .05                                          | .1                              |
 
-`heavy` is meant to be trained with CutMix (`cutmix_alpha: 1.0` in the recipe, `MixupCutmix` below).
+`heavy` is meant to be trained with CutMix (`cutmix_alpha: 1.0` in the recipe, `build_mixup` below).
 Order of application: colour constancy -> geometry (crop, affine, rotate, rot90, flips, elastic; one
 resample) -> hair -> color -> equalize -> grayscale -> noise -> clamp to [0, 1] -> normalize.
 
@@ -52,6 +52,8 @@ import kornia
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lesionkit import seeds
 
 PRESETS = ("none", "light", "derm", "heavy")
 
@@ -114,15 +116,6 @@ def preset_params(preset: str, **overrides) -> dict[str, dict]:
         if not 0.0 <= float(values["p"]) <= 1.0:
             raise ValueError(f"augmentation op {op!r}: p must be in [0, 1], got {values['p']!r}")
     return params
-
-
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several ints (splitmix-style), so nearby inputs give unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for part in parts:
-        h = ((h ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 def _gate(batch: int, p: float) -> torch.Tensor | None:
@@ -221,7 +214,7 @@ class Augment(nn.Module):
         if seed is not None or self.seed is None:
             return seed
         worker = torch.utils.data.get_worker_info()
-        seed = _mix_seed(self.seed, worker.seed if worker else 0, self._calls)
+        seed = seeds.derive(seeds.AUGMENT, self.seed, worker.seed if worker else 0, self._calls)
         self._calls += 1
         return seed
 
@@ -431,53 +424,16 @@ def choose_placement(device_type: str, preset: str) -> str:
     return "device" if preset == "none" else "workers"
 
 
-class MixupCutmix(nn.Module):
-    """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) on a normalized batch, after `Augment`.
+def build_mixup(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+    """torchvision's `v2.MixUp` / `v2.CutMix` (one of the two per batch when both alphas are > 0), applied to
+    the normalized device batch after `Augment`: `mix(images, labels) -> (images, soft targets [B, C])`.
+    They draw from torch's global RNG, which the trainer seeds per step. None when both alphas are 0."""
+    from torchvision.transforms import v2
 
-    lam ~ Beta(alpha, alpha); a sample is paired with another of the batch (a random permutation). Mixup
-    blends the images; CutMix pastes a box of area (1 - lam) and corrects lam to the box actually pasted.
-    With both alphas > 0 one of the two is chosen per batch (50/50); with both 0 it only one-hot encodes.
-    Returns (images, soft targets [B, num_classes], rows sum to 1); `last` holds (kind, lam, perm)."""
-
-    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
-        super().__init__()
-        if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise ValueError(f"mixup/cutmix alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
-        self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
-        self.last: tuple[str, float, torch.Tensor | None] = ("none", 1.0, None)
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        onehot = F.one_hot(labels.long(), self.num_classes).to(torch.float32)
-        kinds = [k for k, a in (("mixup", self.mixup_alpha), ("cutmix", self.cutmix_alpha)) if a > 0]
-        if not self.training or not kinds:
-            self.last = ("none", 1.0, None)
-            return images, onehot
-        kind = kinds[int(torch.randint(len(kinds), ()))]
-        alpha = self.mixup_alpha if kind == "mixup" else self.cutmix_alpha
-        lam = float(torch.distributions.Beta(alpha, alpha).sample())
-        perm = torch.randperm(images.shape[0]).to(images.device)
-        if kind == "mixup":
-            images = lam * images + (1 - lam) * images[perm]
-        else:
-            h, w = images.shape[-2:]
-            cut = math.sqrt(1 - lam)
-            ch, cw = int(h * cut), int(w * cut)
-            cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
-            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-            images = images.clone()
-            images[..., y0:y1, x0:x1] = images[perm][..., y0:y1, x0:x1]
-            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
-        self.last = (kind, lam, perm)
-        return images, lam * onehot + (1 - lam) * onehot[perm]
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor,
-                              weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over the batch of -sum_c w_c * t_c * log softmax(logits)_c, computed in float32.
-
-    Linear in the targets, so for mixed targets it equals lam * CE(y_a) + (1 - lam) * CE(y_b) (unweighted;
-    with class weights the batch mean divides by B, not by the sum of weights as hard-label CE does)."""
-    if logits.shape != soft_targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and soft targets {tuple(soft_targets.shape)} differ")
-    return F.cross_entropy(logits.float(), soft_targets.float(), weight=weight)
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup/cutmix alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
+    ops = [op(alpha=alpha, num_classes=num_classes)
+           for op, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)

@@ -27,7 +27,6 @@ import math
 import multiprocessing
 import os
 import random
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
+from lesionkit import seeds
 from lesionkit.pack import MANIFEST, read_manifest
 
 DRAFT_FACTOR = 2  # stored shorter side >= 2x the training size: decode with PIL draft (DCT scaling)
@@ -302,7 +302,7 @@ class _Stream(IterableDataset):
 
     def plan(self, epoch: int) -> list[list[list[int]]]:
         return _plan(self.shards, self.world_size, self.workers,
-                     self.seed * 1_000_003 + epoch if self.train else None)
+                     seeds.derive(seeds.PLAN, self.seed, epoch) if self.train else None)
 
     def __iter__(self):
         worker, num_workers = _worker()
@@ -317,15 +317,15 @@ class _Stream(IterableDataset):
         if not self.train:
             samples = self._decoded(self.read(urls), None, urls)
             batches = wds.batched(self.batch_size, collation_fn=_collate, partial=True)(samples)
-            yield from self._transformed(batches, f"eval/{self.rank}/{worker}")
+            yield from self._transformed(batches, (-1, 0, self.rank, worker))
             return
-        rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
+        rng = seeds.rng(seeds.SHUFFLE, self.seed, epoch, self.rank, worker)
         if self.class_weights is None:
             raw = _cycle(self._read_counted, urls, rng, self.skip_corrupt, self.shuffle_buffer)
         else:
             raw = self._balanced(urls, rng)
         batches = wds.batched(self.batch_size, collation_fn=_collate, partial=False)(self._decoded(raw, rng, urls))
-        yield from self._transformed(itertools.islice(batches, quota), f"{self.seed}/{epoch}/{self.rank}/{worker}")
+        yield from self._transformed(itertools.islice(batches, quota), (self.seed, epoch, self.rank, worker))
 
     def _balanced(self, urls: list[str], rng: random.Random) -> Iterator[dict]:
         """Per-class streams over this worker's shards mixed by class weight: the stream counterpart of
@@ -381,13 +381,13 @@ class _Stream(IterableDataset):
             failures = 0
             yield item
 
-    def _transformed(self, batches: Iterable[tuple], stream_id: str) -> Iterator[tuple]:
+    def _transformed(self, batches: Iterable[tuple], stream_id: tuple[int, ...]) -> Iterator[tuple]:
         """Apply `batch_transform`, with torch's RNG seeded from (stream, batch index) so a worker-side
         random augmentation depends on nothing but the epoch plan: a resumed run replays it exactly."""
         for index, (images, labels, keys) in enumerate(batches):
             if self.batch_transform is not None:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(zlib.crc32(f"{stream_id}/{index}".encode()))
+                    torch.manual_seed(seeds.derive(seeds.WORKER_BATCH, *stream_id, index))
                     images = self.batch_transform(images)
             yield images, labels, keys
 

@@ -7,8 +7,11 @@ None (JSON null) and a note says why, rather than crashing a whole evaluation.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import optimize, special, stats
+from sklearn import calibration
 from sklearn import metrics as skm
 
 ISIC2017_CLASSES = ("melanoma", "seborrheic_keratosis")
@@ -87,11 +90,10 @@ def compute_metrics(labels, probs, classes, thresholds: dict | None = None) -> d
     for c, name in enumerate(classes):
         m[f"n_{name}"] = int((labels == c).sum())
     m["accuracy"] = float((pred == labels).mean()) if labels.size else None
-    present = [c for c in range(len(classes)) if (labels == c).any()]
-    # Mean recall over the classes present in the labels (sklearn's balanced_accuracy_score).
-    m["balanced_accuracy"] = (
-        float(np.mean([(pred[labels == c] == c).mean() for c in present])) if present else None
-    )
+    # Mean recall over the classes present in the labels (the ISIC 2018/2019 metric).
+    with warnings.catch_warnings():  # a predicted class absent from the labels is fine here
+        warnings.simplefilter("ignore", UserWarning)
+        m["balanced_accuracy"] = float(skm.balanced_accuracy_score(labels, pred)) if labels.size else None
     aucs = []
     for c, name in enumerate(classes):
         y = labels == c
@@ -134,17 +136,18 @@ def isic2017_score(m: dict) -> float | None:
 
 
 def reliability_bins(labels, probs, n_bins: int = 10) -> dict:
-    """Top-label calibration per equal-width confidence bin: mean confidence, accuracy, count."""
+    """Top-label calibration per equal-width confidence bin (sklearn's `calibration_curve` on "was the
+    argmax right" vs its confidence): mean confidence, accuracy (NaN for an empty bin) and count."""
     labels = np.asarray(labels).ravel()
     probs = np.asarray(probs, dtype=np.float64)
-    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
-    idx = np.clip(np.digitize(conf, np.linspace(0, 1, n_bins + 1)[1:-1], right=True), 0, n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        confidence = np.bincount(idx, weights=conf, minlength=n_bins) / count
-        accuracy = np.bincount(idx, weights=(pred == labels).astype(float), minlength=n_bins) / count
-    return {"edges": np.linspace(0, 1, n_bins + 1), "confidence": confidence, "accuracy": accuracy,
-            "count": count}
+    conf, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(int)
+    edges = np.linspace(0, 1, n_bins + 1)
+    count = np.bincount(np.searchsorted(edges[1:-1], conf), minlength=n_bins)  # calibration_curve's binning
+    confidence, accuracy = np.full(n_bins, np.nan), np.full(n_bins, np.nan)
+    if labels.size:
+        accuracy[count > 0], confidence[count > 0] = calibration.calibration_curve(
+            correct, conf, n_bins=n_bins, strategy="uniform")
+    return {"edges": edges, "confidence": confidence, "accuracy": accuracy, "count": count}
 
 
 def expected_calibration_error(labels, probs, n_bins: int = 10) -> float:

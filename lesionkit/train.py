@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from lesionkit import checkpoint, tracking
 from lesionkit.atomic import write_json
-from lesionkit.augment import MixupCutmix, build_augment, choose_placement, soft_target_cross_entropy
+from lesionkit import seeds
+from lesionkit.augment import build_augment, build_mixup, choose_placement
 from lesionkit.config import ConfigError, TrainConfig, add_config_flags, config_from_args
 from lesionkit.data import CorruptDataError, dataset_info, error_message, eval_loader, train_loader
 from lesionkit.inference import gather_predictions, predict_logits
@@ -180,7 +181,7 @@ def class_weight_tensor(counts: dict[str, int], classes: list[str]) -> torch.Ten
 
 def seed_step(cfg: TrainConfig, epoch: int, step: int, rank: int) -> None:
     """Seed augmentation, mixup and dropout for one step from (seed, epoch, step, rank) alone."""
-    torch.manual_seed(hash((cfg.seed, epoch, step, rank)) & 0x7FFF_FFFF)
+    torch.manual_seed(seeds.derive(seeds.STEP, cfg.seed, epoch, step, rank))
 
 
 def weights_digest(model) -> str:
@@ -241,14 +242,12 @@ def train_one_epoch(cfg, accelerator, model, optimizer, loader, augment, mixup, 
             images = augment(images)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        targets = labels if mixup is None else None
         if mixup is not None:
-            images, targets = mixup(images, labels)
+            images, targets = mixup(images, labels)  # soft targets [B, C]
         with accelerator.accumulate(model), accelerator.autocast():
             logits = model(images).float()
-            if mixup is not None:
-                loss = soft_target_cross_entropy(logits, targets, weight=class_weights)
-            else:
-                loss = F.cross_entropy(logits, labels, weight=class_weights, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=cfg.label_smoothing)
             # the step's only sync: every rank learns if any loss is non-finite or any rank must stop
             bad, stops, loss_sum = total(accelerator, ~torch.isfinite(loss.detach()), stop.requested, loss.detach())
             nonfinite, stop_now, step_loss = bad > 0, stops > 0, loss_sum / accelerator.num_processes
@@ -442,8 +441,7 @@ def train(cfg: TrainConfig) -> int:
     preprocess.eval().to(device)
     worker_augment = augment if placement == "workers" else None
     device_augment = None if placement == "workers" else augment.to(device)
-    mixup = MixupCutmix(len(classes), cfg.mixup_alpha, cfg.cutmix_alpha) \
-        if (cfg.mixup_alpha or cfg.cutmix_alpha) else None
+    mixup = build_mixup(len(classes), cfg.mixup_alpha, cfg.cutmix_alpha)
     class_weights = class_weight_tensor(counts, classes).to(device) if cfg.class_weights else None
 
     state = resume(cfg, accelerator, scheduler, ema) if cfg.resume else LoopState()
