@@ -1,11 +1,18 @@
 """Write files and folders so that readers (and crashes) only ever see the old or the complete new
 version: build beside the target, flush it to disk, then rename into place (and flush the rename),
-so neither a crash nor a power cut leaves a name pointing at half-written bytes."""
+so neither a crash nor a power cut leaves a name pointing at half-written bytes.
+
+Every command that writes results goes through here: `write_bytes` / `write_text` / `write_json` for
+files, `staged_dir` for a folder (shards, evaluation reports, synthetic datasets).
+"""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -26,15 +33,28 @@ def fsync_tree(root: str | Path) -> None:
         fsync(folder)
 
 
-def write_json(path: str | Path, obj) -> None:
+def write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     fsync(path.parent)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def replace_dir(tmp: str | Path, out: str | Path) -> None:
@@ -46,5 +66,24 @@ def replace_dir(tmp: str | Path, out: str | Path) -> None:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
     os.replace(tmp, out)
+    fsync(out.parent)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+@contextmanager
+def staged_dir(out: str | Path) -> Iterator[Path]:
+    """`with staged_dir(out) as tmp:` fill `tmp`; on success it is flushed and swapped in for `out` (an
+    existing `out` is replaced: callers decide beforehand whether that is allowed); on any error the
+    temp folder is removed and `out` is untouched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes 0700
+        fsync_tree(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -2,20 +2,20 @@
 
 Layout of a run folder::
 
-    runs/NAME/checkpoints/epoch-0003/      accelerate state (model, optimizer, scaler, RNG) +
-                                           trainer.pt (scheduler, EMA, loop state) +
+    runs/NAME/checkpoints/epoch-0003/      accelerate state: model, optimizer, scaler, RNG, and the
+                                           trainer's state registered with `register_for_checkpointing`
+                                           (custom_checkpoint_0.pkl: loop state, scheduler, EMA) +
                                            model.pt, config.yaml, info.json (inference)
     runs/NAME/last -> checkpoints/...      symlinks, swapped atomically
     runs/NAME/best -> checkpoints/...
 
 A checkpoint is written into `checkpoints/.tmp-*`, flushed to disk (fsync), renamed into place, and only then
 are the `last`/`best` links swapped (os.replace), so a crash or a full disk at any moment leaves the
-previous checkpoint whole. Everything is loaded with `torch.load(weights_only=True)`: a checkpoint
-file carrying a pickled code payload is refused instead of executed.
+previous checkpoint whole. Every pickle is loaded with `weights_only=True` first (`verify_loadable`): a
+checkpoint file carrying a pickled code payload is refused instead of executed.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -23,17 +23,18 @@ from pathlib import Path
 
 import torch
 
-from lesionkit.atomic import fsync, fsync_tree
-from lesionkit.config import TrainConfig, load_config, save_config
-from lesionkit.models import create_model
+from lesionkit.atomic import fsync, fsync_tree, write_json, write_text
+from lesionkit.config import TrainConfig, to_yaml
+from lesionkit.errors import UsageError
 
-TRAINER_STATE = "trainer.pt"
-# What accelerator.load_state unpickles: it loads these with weights_only=True too, but an unreadable RNG
-# state is skipped silently; `verify_loadable` turns any refusal into an error before it starts.
-ACCELERATE_PICKLES = ("optimizer*.bin", "scheduler*.bin", "sampler*.bin", "scaler*.pt", "random_states_*.pkl")
+TRAINER_STATE = "custom_checkpoint_0.pkl"  # the one object the trainer registers with Accelerate
+# What accelerator.load_state unpickles. It loads the registered trainer state with weights_only=False and
+# skips an unreadable RNG state silently; `verify_loadable` turns any refusal into an error first.
+ACCELERATE_PICKLES = ("optimizer*.bin", "scheduler*.bin", "sampler*.bin", "scaler*.pt", "random_states_*.pkl",
+                      "custom_checkpoint_*.pkl")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint file that is unreadable or holds more than tensors; the message names the file."""
 
 
@@ -54,9 +55,14 @@ def safe_load(path: Path, map_location="cpu"):
 def verify_loadable(ckpt_dir: Path) -> None:
     """Load every pickle of a checkpoint `--resume` starts from with weights_only=True first, so a tampered
     one is refused loudly (CheckpointError) instead of executed, ignored or carried on."""
-    for pattern in (TRAINER_STATE, "model.pt", *ACCELERATE_PICKLES):
+    for pattern in ("model.pt", *ACCELERATE_PICKLES):
         for path in sorted(Path(ckpt_dir).glob(pattern)):
             safe_load(path)
+
+
+def trainer_state(ckpt_dir: Path) -> dict:
+    """The registered trainer state of a checkpoint: {"loop": ..., "scheduler": ..., "ema": ...}."""
+    return safe_load(Path(ckpt_dir) / TRAINER_STATE)
 
 
 def checkpoint_name(epoch: int, step: int = 0) -> str:
@@ -79,9 +85,10 @@ def clean_staging(run_dir: Path) -> list[Path]:
 
 
 def write_inference_files(ckpt_dir: Path, state_dict: dict, cfg: TrainConfig, info: dict) -> None:
+    """model.pt (weights only), config.yaml and info.json: what `lesionkit.inference.load_checkpoint` reads."""
     torch.save(state_dict, ckpt_dir / "model.pt")
-    save_config(cfg, ckpt_dir / "config.yaml")
-    (ckpt_dir / "info.json").write_text(json.dumps(info, indent=2))
+    write_text(ckpt_dir / "config.yaml", to_yaml(cfg))
+    write_json(ckpt_dir / "info.json", info)
 
 
 def _swap_link(link: Path, target_name: str) -> None:
@@ -120,25 +127,3 @@ def resolve(path: Path) -> Path | None:
 def latest(run_dir: Path) -> Path | None:
     """The newest complete checkpoint (`last`), or None for a fresh run."""
     return resolve(Path(run_dir) / "last")
-
-
-def save_trainer_state(ckpt_dir: Path, state: dict) -> None:
-    torch.save(state, Path(ckpt_dir) / TRAINER_STATE)
-
-
-def load_trainer_state(ckpt_dir: Path) -> dict:
-    return safe_load(Path(ckpt_dir) / TRAINER_STATE)
-
-
-def load_inference_model(ckpt_dir: str | Path, map_location="cpu"):
-    """(model in eval mode, info) from a checkpoint folder; `info` has classes, model, image_size, mean, std."""
-    ckpt_dir = Path(ckpt_dir)
-    missing = [f for f in ("model.pt", "info.json", "config.yaml") if not (ckpt_dir / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{ckpt_dir} is not a lesionkit checkpoint (missing {', '.join(missing)})")
-    info = json.loads((ckpt_dir / "info.json").read_text())
-    cfg = load_config(ckpt_dir / "config.yaml")
-    model = create_model(cfg.model, num_classes=len(info["classes"]))
-    state = safe_load(ckpt_dir / "model.pt", map_location=map_location)
-    model.load_state_dict(state)
-    return model.eval(), info

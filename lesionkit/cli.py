@@ -1,7 +1,9 @@
 """The `lesionkit` command: parses arguments and dispatches to the module that owns each subcommand.
 
-Each subcommand lives in its own module as `add_arguments(parser)` + `run(args) -> int`; modules are
-imported lazily so `lesionkit --help` stays fast (no torch import).
+Each subcommand is a module in `lesionkit/commands/` (and `benchmarks/cli.py`) with `add_arguments(parser)`
+and `run(args) -> int`: argument parsing and printing only, the work is done by library modules. Modules
+are imported lazily so `lesionkit --help` stays fast (no torch import). A `LesionkitError` from anywhere
+ends the command here, once: one line on stderr, no traceback, its exit code (2 bad input, 1 failure).
 """
 from __future__ import annotations
 
@@ -9,17 +11,20 @@ import argparse
 import importlib
 import sys
 
+from lesionkit.errors import LesionkitError, message
+
 # name -> (module, one-line help). Order is the order `lesionkit --help` lists them.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("lesionkit.synth", "write a synthetic dermoscopy dataset in the ISIC 2017 layout"),
-    "download": ("lesionkit.download", "fetch and unpack the official ISIC 2017 archives (resumable)"),
-    "pack": ("lesionkit.pack", "pack images + a labels CSV into WebDataset shards with a manifest"),
-    "stats": ("lesionkit.stats", "print the class distribution of packed shards; --verify re-hashes them"),
-    "train": ("lesionkit.train", "train a model (multi-process: accelerate launch lesionkit/train.py)"),
-    "evaluate": ("lesionkit.evaluate", "score a checkpoint on packed shards: metrics.json, predictions, plots"),
-    "predict": ("lesionkit.predict", "write an ISIC submission CSV for a folder of images or shards"),
-    "preview-aug": ("lesionkit.preview", "write a PNG grid of original and augmented images"),
-    "bench": ("lesionkit.bench", "benchmarks: loader, aug, step, e2e, pack (baseline beside each)"),
+    "synth": ("lesionkit.commands.synth", "write a synthetic dermoscopy dataset in the ISIC 2017 layout"),
+    "download": ("lesionkit.commands.download", "fetch and unpack the official ISIC 2017 archives (resumable)"),
+    "pack": ("lesionkit.commands.pack", "pack images + a labels CSV into WebDataset shards with a manifest"),
+    "stats": ("lesionkit.commands.stats", "print the class distribution of packed shards; --verify re-hashes them"),
+    "train": ("lesionkit.commands.train", "train a model (multi-process: accelerate launch lesionkit/train.py)"),
+    "evaluate": ("lesionkit.commands.evaluate", "score a checkpoint on packed shards: metrics.json, predictions, "
+                                                "plots"),
+    "predict": ("lesionkit.commands.predict", "write a submission CSV for a folder of images or shards"),
+    "preview-aug": ("lesionkit.commands.preview", "write a PNG grid of original and augmented images"),
+    "bench": ("benchmarks.cli", "benchmarks: loader, aug, step, e2e, pack (baseline beside each)"),
 }
 
 
@@ -37,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Parse `argv` for subcommand `name` and run it; user errors become one line and an exit code."""
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=prog or f"lesionkit {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(module.run(args) or 0)
+    except LesionkitError as exc:
+        print(f"lesionkit {name}: error: {message(exc)}", file=sys.stderr, flush=True)
+        return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -44,12 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints help/version or the usage error
         parser.print_help()
         return 2
-    name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
-    sub = argparse.ArgumentParser(prog=f"lesionkit {name}", description=COMMANDS[name][1])
-    module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    return run_command(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

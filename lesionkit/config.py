@@ -14,86 +14,89 @@ from pathlib import Path
 
 import yaml
 
+from lesionkit.errors import ConfigError
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 TTA_MODES = ("none", "flips", "d4")  # test-time views (`lesionkit.inference.tta_views`)
 
 
-class ConfigError(ValueError):
-    """A bad recipe or flag; the message is meant to be shown to the user as is."""
+def opt(default, help: str, choices: tuple | None = None):
+    """A config field with its help text (and allowed values) for `lesionkit train --help`."""
+    kind = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**kind, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
     # data: folders of shards written by `lesionkit pack`
-    train: list[str] = field(default_factory=list)
-    val: list[str] = field(default_factory=list)
-    image_size: int = 224
-    batch_size: int = 32
-    workers: int = 2
-    shuffle_buffer: int = 500
-    balanced: bool = False  # draw classes equally often (the stream's WeightedRandomSampler)
-    skip_corrupt: bool = False  # skip (and count) undecodable training samples instead of failing
+    train: list[str] = opt(list, "training shard folder(s); none: the synthetic demo shards")
+    val: list[str] = opt(list, "validation shard folder(s), scored exactly once per epoch")
+    image_size: int = opt(224, "square input size in pixels (pack at this size so the loader never resizes)")
+    batch_size: int = opt(32, "batch per process (the global batch is this x processes x grad_accum)")
+    workers: int = opt(2, "loader worker processes per training process (each streams whole shards)")
+    shuffle_buffer: int = opt(500, "samples in each loader worker's shuffle buffer")
+    balanced: bool = opt(False, "draw classes equally often (the stream's WeightedRandomSampler)")
+    skip_corrupt: bool = opt(False, "skip (and count) undecodable training samples instead of failing")
     # model
-    model: str = "customnet"
-    pretrained: bool = False
-    weights: str | None = None
-    channels_last: bool = False
-    compile: bool = False
-    freeze_epochs: int = 0  # train only the head for this many epochs first
-    freeze_blocks: int = 0  # keep the stem and this many leading feature blocks frozen all run
+    model: str = opt("customnet", "architecture from the model registry (lesionkit.models.list_models)")
+    pretrained: bool = opt(False, "start from ImageNet weights (torchvision download, or the offline package "
+                                  "for efficientnet_lite0)")
+    weights: str | None = opt(None, "a local state dict to start from (a mismatched classifier head is skipped)")
+    channels_last: bool = opt(False, "channels_last memory format (faster convolutions on GPUs and recent CPUs)")
+    compile: bool = opt(False, "torch.compile the model")
+    freeze_epochs: int = opt(0, "train only the classifier head for this many epochs first")
+    freeze_blocks: int = opt(0, "keep the stem and this many leading feature blocks frozen all run (cheap CPU "
+                                "fine-tuning)")
     # optimisation
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    scheduler: str = "plateau"
-    step_size: int = 7
-    gamma: float = 0.1
-    plateau_patience: int = 2
-    plateau_factor: float = 0.1
-    warmup_epochs: int = 0
-    epochs: int = 10
-    grad_accum: int = 1
-    clip_grad: float = 0.0  # 0 = off
-    max_steps_per_epoch: int = 0  # 0 = a full pass; >0 caps an epoch (smoke runs, benchmarks)
+    optimizer: str = opt("adam", "optimizer", ("sgd", "adam", "adamw"))
+    lr: float = opt(1e-3, "learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(0.0, "weight decay")
+    scheduler: str = opt("plateau", "LR schedule, stepped once per epoch", ("none", "step", "plateau", "cosine"))
+    step_size: int = opt(7, "step scheduler: epochs between LR drops")
+    gamma: float = opt(0.1, "step scheduler: LR factor at each drop")
+    plateau_patience: int = opt(2, "plateau scheduler: epochs without improvement before the LR drops")
+    plateau_factor: float = opt(0.1, "plateau scheduler: LR factor at each drop")
+    warmup_epochs: int = opt(0, "cosine scheduler: linear warm-up epochs")
+    epochs: int = opt(10, "epochs to train")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    clip_grad: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
+    max_steps_per_epoch: int = opt(0, "cap an epoch at this many steps (0 = a full pass; smoke runs)")
     # loss
-    class_weights: bool = False
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
+    class_weights: bool = opt(False, "weight the loss by inverse class frequency (from the manifest)")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy")
+    mixup_alpha: float = opt(0.0, "Mixup Beta(alpha, alpha) (0 = off)")
+    cutmix_alpha: float = opt(0.0, "CutMix Beta(alpha, alpha) (0 = off; with Mixup one of the two per batch)")
     # augmentation
-    augment: str = "derm"
-    augment_overrides: dict = field(default_factory=dict)
-    augment_placement: str = "auto"  # auto | device | workers
-    color_constancy: bool = False
+    augment: str = opt("derm", "augmentation preset (lesionkit.augment.PRESETS)")
+    augment_overrides: dict = opt(dict, "per-op overrides as YAML, e.g. '{elastic: {p: 0}}'")
+    augment_placement: str = opt("auto", "where augmentation runs (auto: device on GPUs, loader workers on "
+                                         "CPUs)", ("auto", "device", "workers"))
+    color_constancy: bool = opt(False, "Shades-of-Gray colour constancy before normalisation (also at inference)")
     # validation, selection
-    monitor: str = "isic2017_score"
-    val_tta: str = "none"  # none | flips | d4: validate on averaged views, as `evaluate --tta` scores
-    early_stop_patience: int = 0  # 0 = off
-    ema_decay: float = 0.0  # 0 = off
-    skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf instead of stopping
+    monitor: str = opt("", "metric that picks the best checkpoint, drives early stopping and the plateau "
+                           "scheduler (default: the task's score; losses are minimised)")
+    val_tta: str = opt("none", "validate on averaged test-time views, as `evaluate --tta` scores", TTA_MODES)
+    early_stop_patience: int = opt(0, "stop after this many epochs without a better monitor (0 = off)")
+    ema_decay: float = opt(0.0, "keep an exponential moving average of the weights and validate it (0 = off)")
+    skip_nonfinite: bool = opt(False, "skip a step whose loss is NaN/inf instead of stopping")
     # run
-    output_dir: str = "runs/default"
-    seed: int = 0
-    mixed_precision: str = "auto"  # auto (from the accelerate config) | no | bf16 | fp16
-    cpu: bool = False
-    resume: bool = False
-    wandb: bool = True
-    wandb_project: str = "lesionkit"
-    run_name: str = ""
-    collective_timeout_s: int = 300
+    output_dir: str = opt("runs/default", "run folder: checkpoints, metrics.json, W&B files")
+    seed: int = opt(0, "seed of every random draw (weights, data order, augmentation)")
+    mixed_precision: str = opt("auto", "auto: from the accelerate config, else bf16 on GPUs that have it, fp32 "
+                                       "on CPUs", ("auto", "no", "bf16", "fp16"))
+    cpu: bool = opt(False, "train on the CPU even when a GPU is present")
+    resume: bool = opt(False, "continue from OUTPUT_DIR/last exactly where it stopped")
+    wandb: bool = opt(True, "log to Weights & Biases (offline without an API key)")
+    wandb_project: str = opt("lesionkit", "W&B project")
+    run_name: str = opt("", "W&B run name")
+    collective_timeout_s: int = opt(300, "seconds a rank waits in a collective before the job fails")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "optimizer": ("sgd", "adam", "adamw"),
-    "scheduler": ("none", "step", "plateau", "cosine"),
-    "augment_placement": ("auto", "device", "workers"),
-    "mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "val_tta": TTA_MODES,
-}
+CHOICES = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig) if f.metadata.get("choices")}
 
 
 def list_recipes() -> list[str]:
@@ -185,18 +188,28 @@ def load_recipe(name_or_path: str) -> dict:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--flag` per dataclass field (underscores become dashes); booleans get `--no-flag` too."""
-    parser.add_argument("--config", help=f"recipe name ({', '.join(list_recipes())}) or YAML path")
-    for name, typ in _field_types().items():
-        flag = "--" + name.replace("_", "-")
+    """One `--flag` per dataclass field (underscores become dashes; booleans get `--no-flag` too), with the
+    field's help text, default and choices, plus `--config` and `--print-config`."""
+    parser.add_argument("--config", help=f"recipe name ({', '.join(list_recipes())}) or YAML path; flags override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults < recipe < flags) as YAML and exit")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        typ, flag = _field_types()[f.name], "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        shown = "on" if default is True else "off" if default is False else (default if default not in ("", [], {})
+                                                                               else "none")
+        kw = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} (default: {shown})"}
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
         if typ is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(typ) is list:
-            parser.add_argument(flag, dest=name, nargs="+", default=None, metavar="DIR")
+            parser.add_argument(flag, nargs="+", metavar="DIR", **kw)
         elif typ is dict:
-            parser.add_argument(flag, dest=name, type=yaml.safe_load, default=None, metavar="YAML")
+            parser.add_argument(flag, type=yaml.safe_load, metavar="YAML", **kw)
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper())
+            parser.add_argument(flag, metavar=f.name.upper(), **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -207,10 +220,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return validate(apply_overrides(cfg, flags, source="command line"))
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """Read back a config.yaml written by `save_config` (strict: unknown keys fail)."""
+    """Read back a config.yaml written with a checkpoint (`to_yaml`) (strict: unknown keys fail)."""
     return validate(apply_overrides(TrainConfig(), yaml.safe_load(Path(path).read_text()) or {}, str(path)))

@@ -22,14 +22,14 @@ from __future__ import annotations
 import bisect
 import io
 import itertools
+import json
 import logging
 import math
 import multiprocessing
-import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,46 +39,23 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from lesionkit import seeds
-from lesionkit.pack import MANIFEST, read_manifest
+from lesionkit import seeds, sources
+from lesionkit.errors import CorruptDataError, UsageError
+from lesionkit.manifest import MANIFEST, as_list, dataset_info, read_manifest
 
 DRAFT_FACTOR = 2  # stored shorter side >= 2x the training size: decode with PIL draft (DCT scaling)
 
 log = logging.getLogger(__name__)
 
 
-class CorruptDataError(ValueError):
-    """A shard or sample that cannot be read; the message names the shard and the sample key."""
+class Batch(NamedTuple):
+    """What every reader yields: uint8 images [B,3,S,S], int64 labels [B], sample ids, and per-sample
+    metadata features float32 [B, M] when the stream was given a `features` function (else None)."""
 
-
-def error_message(exc: BaseException) -> str:
-    """The one-line message of a data error, also when a DataLoader worker re-raised it inside the text
-    of its traceback (`Caught CorruptDataError in DataLoader worker process 0. Original Traceback ...`)."""
-    text, marker = str(exc), f"{CorruptDataError.__module__}.{CorruptDataError.__name__}: "
-    return text.rsplit(marker, 1)[1].strip() if marker in text else text.strip()
-
-
-def _as_list(dirs) -> list[Path]:
-    return [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
-
-
-def dataset_info(dirs) -> tuple[list[str], dict[str, int], int]:
-    """(classes, counts per class, number of samples) over shard folders that share one class list."""
-    classes, counts, total, first = None, {}, 0, None
-    for folder in _as_list(dirs):
-        manifest = read_manifest(folder)
-        if classes is None:
-            classes, first = list(manifest["classes"]), folder
-            counts = dict.fromkeys(classes, 0)
-        elif list(manifest["classes"]) != classes:
-            raise ValueError(f"shard folders disagree on the classes: {first} has {classes}, "
-                             f"{folder} has {manifest['classes']}")
-        for name, n in manifest.get("counts", {}).items():
-            counts[name] += int(n)
-        total += int(manifest["num_samples"])
-    if classes is None:
-        raise ValueError("no shard folders given")
-    return classes, counts, total
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+    meta: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -92,16 +69,16 @@ class _Shard:
 def _shards(dirs) -> tuple[list[str], list[_Shard]]:
     classes, _, _ = dataset_info(dirs)
     shards = []
-    for folder in _as_list(dirs):
+    for folder in as_list(dirs):
         manifest = read_manifest(folder)
         stored = int(manifest.get("params", {}).get("size", 0))
         for rec in manifest["shards"]:
-            path = folder / rec["name"]
-            if not path.is_file():
-                raise FileNotFoundError(f"shard {path} listed in {folder / MANIFEST} is missing")
+            url = sources.join(folder, rec["name"])
+            if not sources.is_remote(url) and not sources.exists(url):
+                raise UsageError(f"shard {url} listed in {sources.join(folder, MANIFEST)} is missing")
             counts = tuple(int(rec.get("counts", {}).get(c, 0)) for c in classes)
             if int(rec["num_samples"]) > 0:
-                shards.append(_Shard(str(path), int(rec["num_samples"]), counts, stored))
+                shards.append(_Shard(url, int(rec["num_samples"]), counts, stored))
     return classes, shards
 
 
@@ -148,9 +125,11 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _decode(sample: dict, size: int, stored: dict[str, int], rng: random.Random | None):
-    """Raw sample -> (uint8 [3,size,size], label, key). Shorter side to `size` (a no-op when packed at the
-    training size), then a random (train) or centre (eval) square crop along the longer side."""
+def _decode(sample: dict, size: int, stored: dict[str, int], rng: random.Random | None,
+            features: Callable[[dict], Sequence[float]] | None = None):
+    """Raw sample -> (uint8 [3,size,size], label, key, metadata features or None). Shorter side to `size`
+    (a no-op when packed at the training size), then a random (train) or centre (eval) square crop along
+    the longer side. `features` maps the sample's JSON record to its metadata feature vector."""
     data = sample["jpg"]
     if stored.get(sample["__url__"], 0) >= DRAFT_FACTOR * size:
         # A big stored image: PIL decodes straight at 1/2..1/8 scale, far cheaper than a full decode.
@@ -168,27 +147,31 @@ def _decode(sample: dict, size: int, stored: dict[str, int], rng: random.Random 
         top, left = (h - size) // 2, (w - size) // 2
     else:
         top, left = rng.randint(0, h - size), rng.randint(0, w - size)
-    return image[:, top:top + size, left:left + size], int(sample["cls"]), sample["__key__"]
+    meta = None if features is None else features(json.loads(sample["json"]))
+    return image[:, top:top + size, left:left + size], int(sample["cls"]), sample["__key__"], meta
 
 
-def _collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    images, labels, keys = zip(*samples)
+def _collate(samples: list[tuple]) -> Batch:
+    images, labels, keys, meta = zip(*samples)
     # default_collate stacks straight into shared memory inside a worker: no copy on the way out
-    return default_collate(list(images)), torch.tensor(labels, dtype=torch.int64), list(keys)
+    return Batch(default_collate(list(images)), torch.tensor(labels, dtype=torch.int64), list(keys),
+                 None if meta[0] is None else torch.tensor(np.asarray(meta, dtype=np.float32)))
 
 
 def _tar_samples(url: str) -> Iterator[dict]:
     """Samples of one shard, `{"__key__", "__url__", ext: bytes}` as wds groups them (key = member name up
-    to the first dot of its base name). A lean ustar/pax walk, one member in memory at a time: wds's
-    generic tarfile pipeline costs ~1.5 ms per sample, as much as decoding the JPEG itself, and this
-    ~0.1 ms (`lesionkit bench loader` shows both). Truncated or garbled shards raise naming the shard."""
-    with open(url, "rb") as f:
-        end = os.fstat(f.fileno()).st_size
+    to the first dot of its base name). A lean ustar/pax walk over a stream read front to back, one member
+    in memory at a time: wds's generic tarfile pipeline costs ~1.5 ms per sample, as much as decoding the
+    JPEG itself, and this ~0.1 ms (`lesionkit bench loader` shows both). Truncated or garbled shards raise
+    naming the shard."""
+    with sources.open_stream(url) as f:
         off, sample, long_name = 0, None, None
-        while off + 512 <= end:
+        while True:
             header = f.read(512)
-            if header[0] == 0:  # end-of-archive blocks
+            if not header or header[0] == 0:  # end of the stream, or end-of-archive blocks
                 break
+            if len(header) < 512:
+                raise CorruptDataError(f"shard {url} is truncated: a tar header ends at byte {off + len(header)}")
             try:
                 size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
                 name = (header[345:500].split(b"\0", 1)[0] + b"/" if header[345] and header[257:262] == b"ustar"
@@ -196,12 +179,12 @@ def _tar_samples(url: str) -> Iterator[dict]:
             except ValueError:
                 raise CorruptDataError(f"shard {url} is corrupt: bad tar header at byte {off}") from None
             kind, padded = header[156:157], (size + 511) // 512 * 512
-            off += 512 + padded
-            if off > end:
+            block = f.read(padded)
+            off += 512 + len(block)
+            if len(block) < size:
                 raise CorruptDataError(f"shard {url} is truncated: member {name.decode(errors='replace')} ends "
-                                       f"past byte {end}")
-            payload = f.read(size)
-            f.seek(padded - size, os.SEEK_CUR)
+                                       f"past byte {off}")
+            payload = block[:size]
             if kind == b"x":  # pax extended header: only a long `path` matters here
                 for record in payload.split(b"\n"):
                     if b" path=" in record:
@@ -235,7 +218,7 @@ def _read(urls: list[str], skip_bad: bool = False) -> Iterator[dict]:
     for url in urls:
         try:
             yield from _tar_samples(url)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, CorruptDataError) as exc:
             if not skip_bad:
                 raise
             log.warning("skipped the rest of shard %s: %s", url, exc)
@@ -281,13 +264,15 @@ class _Stream(IterableDataset):
     def __init__(self, shards: list[_Shard], classes: list[str], *, train: bool, image_size: int,
                  batch_size: int, seed: int, epoch: int, rank: int, world_size: int, workers: int,
                  shuffle_buffer: int = 0, class_weights: list[float] | None = None,
-                 batch_transform: Callable | None = None, skip_corrupt: bool = False, max_batches: int = 0):
+                 batch_transform: Callable | None = None, skip_corrupt: bool = False, max_batches: int = 0,
+                 features: Callable[[dict], Sequence[float]] | None = None):
         super().__init__()
         self.shards, self.classes, self.train = shards, classes, train
         self.image_size, self.batch_size, self.seed, self.epoch = image_size, batch_size, seed, epoch
         self.rank, self.world_size, self.workers = rank, world_size, max(1, workers)
         self.shuffle_buffer, self.class_weights = shuffle_buffer, class_weights
         self.batch_transform, self.skip_corrupt, self.max_batches = batch_transform, skip_corrupt, max_batches
+        self.features = features
         self.stored = {s.url: s.stored_size for s in shards}
         # Samples skipped as corrupt, shared with the loader workers so the trainer can report the count.
         self.skipped = multiprocessing.Value("q", 0)
@@ -338,7 +323,7 @@ class _Stream(IterableDataset):
                for c in range(len(self.classes)) if totals[c]}
         present = [c for c, w in mix.items() if w > 0]
         if not present:
-            raise ValueError(f"shards {urls} hold no sample of a class with a positive weight")
+            raise UsageError(f"shards {urls} hold no sample of a class with a positive weight")
         buffer = max(1, self.shuffle_buffer // len(present))
         streams = [_cycle(self._read_counted, urls, random.Random(rng.random()), self.skip_corrupt, buffer,
                           lambda s, c=c: _label(s) == c)
@@ -366,7 +351,7 @@ class _Stream(IterableDataset):
         failures = 0
         for sample in raw:
             try:
-                item = _decode(sample, self.image_size, self.stored, rng)
+                item = _decode(sample, self.image_size, self.stored, rng, self.features)
             except Exception as exc:
                 where = f"sample {sample.get('__key__')!r} in shard {sample.get('__url__')}"
                 if not self.skip_corrupt:
@@ -381,15 +366,15 @@ class _Stream(IterableDataset):
             failures = 0
             yield item
 
-    def _transformed(self, batches: Iterable[tuple], stream_id: tuple[int, ...]) -> Iterator[tuple]:
+    def _transformed(self, batches: Iterable[Batch], stream_id: tuple[int, ...]) -> Iterator[Batch]:
         """Apply `batch_transform`, with torch's RNG seeded from (stream, batch index) so a worker-side
         random augmentation depends on nothing but the epoch plan: a resumed run replays it exactly."""
-        for index, (images, labels, keys) in enumerate(batches):
+        for index, batch in enumerate(batches):
             if self.batch_transform is not None:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seeds.derive(seeds.WORKER_BATCH, *stream_id, index))
-                    images = self.batch_transform(images)
-            yield images, labels, keys
+                    batch = batch._replace(images=self.batch_transform(batch.images))
+            yield batch
 
 
 def _label(sample: dict) -> int:
@@ -438,28 +423,30 @@ def _check_common(image_size: int, batch_size: int, workers: int, rank: int, wor
     for name, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
                              ("workers", workers, 0), ("world_size", world_size, 1)):
         if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+            raise UsageError(f"{name} must be >= {low}, got {value}")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        raise UsageError(f"rank {rank} is outside world_size {world_size}")
 
 
 def train_loader(dirs, *, image_size: int, batch_size: int, workers: int, seed: int, epoch: int, rank: int,
                  world_size: int, shuffle_buffer: int = 500, balanced: bool = False,
                  class_weights: Sequence[float] | None = None, batch_transform: Callable | None = None,
-                 skip_corrupt: bool = False, max_batches: int = 0, prefetch_factor: int = 2) -> ShardLoader:
-    """Training batches `(uint8 [B,3,S,S], int64 [B], keys)`, full batches only, `len()` equal on all ranks.
+                 skip_corrupt: bool = False, max_batches: int = 0, prefetch_factor: int = 2,
+                 features: Callable[[dict], Sequence[float]] | None = None) -> ShardLoader:
+    """Training `Batch`es, full batches only, `len()` equal on all ranks.
 
     `balanced` draws classes with `class_weights` (default: equal); `batch_transform` runs in the
     worker on the uint8 batch (picklable); `skip_corrupt` skips undecodable samples with a warning
-    instead of failing; `max_batches` > 0 caps the epoch (smoke runs).
+    instead of failing; `max_batches` > 0 caps the epoch (smoke runs); `features` (picklable) turns each
+    sample's JSON record into its metadata features (`Batch.meta`).
     """
     _check_common(image_size, batch_size, workers, rank, world_size)
     classes, shards = _shards(dirs)
     slots = world_size * max(1, workers)
     if len(shards) < slots:
         total = sum(s.num_samples for s in shards)
-        raise ValueError(
-            f"{len(shards)} shard(s) in {', '.join(map(str, _as_list(dirs)))} but {world_size} process(es) x "
+        raise UsageError(
+            f"{len(shards)} shard(s) in {', '.join(as_list(dirs))} but {world_size} process(es) x "
             f"{max(1, workers)} loader worker(s) need at least {slots} (each worker streams whole shards); "
             f"repack with a smaller --shard-size (at most {max(1, total // slots)} for {total} samples) "
             f"or use fewer workers")
@@ -467,22 +454,23 @@ def train_loader(dirs, *, image_size: int, batch_size: int, workers: int, seed: 
     if balanced:
         weights = [1.0] * len(classes) if class_weights is None else [float(w) for w in class_weights]
         if len(weights) != len(classes) or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"class_weights {list(class_weights)} must be {len(classes)} non-negative "
+            raise UsageError(f"class_weights {list(class_weights)} must be {len(classes)} non-negative "
                              f"numbers (classes {classes}), not all zero")
     stream = _Stream(shards, classes, train=True, image_size=image_size, batch_size=batch_size, seed=seed,
                      epoch=epoch, rank=rank, world_size=world_size, workers=workers,
                      shuffle_buffer=max(1, shuffle_buffer), class_weights=weights,
-                     batch_transform=batch_transform, skip_corrupt=skip_corrupt, max_batches=max_batches)
+                     batch_transform=batch_transform, skip_corrupt=skip_corrupt, max_batches=max_batches,
+                     features=features)
     return ShardLoader(stream, workers, prefetch_factor)
 
 
 def eval_loader(dirs, *, image_size: int, batch_size: int, workers: int, rank: int, world_size: int,
-                prefetch_factor: int = 2) -> ShardLoader:
-    """Evaluation batches `(uint8 [B,3,S,S], int64 [B], keys)`: in shard order, centre crop, every sample
+                prefetch_factor: int = 2, features: Callable[[dict], Sequence[float]] | None = None) -> ShardLoader:
+    """Evaluation `Batch`es: in shard order, centre crop, every sample
     exactly once across all ranks and workers (batch counts may differ per rank: gather by key at the
     end, never per batch). Corrupt samples raise, naming shard and key."""
     _check_common(image_size, batch_size, workers, rank, world_size)
     classes, shards = _shards(dirs)
     stream = _Stream(shards, classes, train=False, image_size=image_size, batch_size=batch_size, seed=0,
-                     epoch=0, rank=rank, world_size=world_size, workers=workers)
+                     epoch=0, rank=rank, world_size=world_size, workers=workers, features=features)
     return ShardLoader(stream, workers, prefetch_factor)

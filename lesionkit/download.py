@@ -1,4 +1,4 @@
-"""`lesionkit download isic2017`: fetch the official ISIC 2017 archives and unpack them in the official layout.
+"""Fetch the official ISIC 2017 archives and unpack them in the official layout.
 
 Meant to be run once on a cluster login node. Every step is resumable and idempotent:
 - a file is downloaded to `<name>.part` and, if interrupted, resumed with an HTTP Range request;
@@ -8,17 +8,18 @@ Meant to be run once on a cluster login node. Every step is resumable and idempo
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import re
 import shutil
-import sys
 import time
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
+
+from lesionkit.errors import RunError, UsageError
+from lesionkit.manifest import sha256_file
 
 BASE_URL = "https://isic-challenge-data.s3.amazonaws.com/2017/"
 PARTS: dict[str, tuple[str, str]] = {
@@ -31,7 +32,7 @@ CHECKSUMS: dict[str, str] = {}
 BLOCK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(RunError):
     """A failed or corrupt download; the message names the file and says what to do."""
 
 
@@ -43,14 +44,6 @@ def _total_from_content_range(value: str | None) -> int | None:
     """`bytes 100-199/1234` or `bytes */1234` -> 1234."""
     match = re.search(r"/(\d+)\s*$", value or "")
     return int(match.group(1)) if match else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
@@ -108,7 +101,7 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, retries: int = 
         if attempt == retries:
             raise failure
         time.sleep(min(2 ** attempt, 30))
-    if sha256 is not None and _sha256(part) != sha256:
+    if sha256 is not None and sha256_file(part) != sha256:
         part.unlink()
         raise DownloadError(f"{url}: sha256 mismatch (corrupt download); deleted {part}, run again")
     part.rename(dest)
@@ -146,7 +139,7 @@ def download_isic2017(root: str | Path, parts=("train", "val", "test"), base_url
     """Fetch + unpack the chosen parts; return {part: {"images": folder, "labels": csv}}."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
-        raise DownloadError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+        raise UsageError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     checksums = CHECKSUMS if checksums is None else checksums
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -163,26 +156,3 @@ def download_isic2017(root: str | Path, parts=("train", "val", "test"), base_url
             (root / zip_name).unlink(missing_ok=True)
         layout[part] = {"images": root / zip_name.removesuffix(".zip"), "labels": root / csv_name}
     return layout
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("dataset", choices=["isic2017"], help="which dataset to fetch")
-    parser.add_argument("--root", required=True, help="folder to download and unpack into")
-    parser.add_argument("--base-url", default=BASE_URL, help=f"where the files live (default {BASE_URL})")
-    parser.add_argument("--parts", default="train,val,test", help="comma-separated subset of train,val,test")
-    parser.add_argument("--retries", type=int, default=3, help="resume attempts per file (default 3)")
-    parser.add_argument("--remove-zips", action="store_true", help="delete each zip once unpacked")
-
-
-def run(args) -> int:
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    try:
-        layout = download_isic2017(args.root, parts, base_url=args.base_url, retries=args.retries,
-                                   remove_zips=args.remove_zips, progress=sys.stderr.isatty())
-    except DownloadError as e:
-        raise SystemExit(f"lesionkit download: error: {e}") from None
-    print(f"ISIC 2017 ({', '.join(parts)}) is in {args.root}. Pack it with:")
-    for part, paths in layout.items():
-        print(f"  lesionkit pack --images {paths['images']} --labels {paths['labels']} "
-              f"--out shards/isic2017-{part}")
-    return 0

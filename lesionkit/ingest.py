@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-ISIC2017_CLASSES = ["nevus", "melanoma", "seborrheic_keratosis"]
+from lesionkit.errors import UsageError
+from lesionkit.tasks import ISIC2017_CLASSES, ISIC2017_SCORED
+
 ID_COLUMNS = ("image_id", "image")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 # The official ISIC 2017 zips ship superpixel maps beside the images; they are not samples.
@@ -25,7 +27,7 @@ IGNORED_STEMS = ("_superpixels",)
 MAX_LISTED = 10
 
 
-class IngestError(ValueError):
+class IngestError(UsageError):
     """Bad input; the message names the culprits and is meant to be shown to the user as is."""
 
 
@@ -132,7 +134,7 @@ def parse_labels(csv: str | Path) -> tuple[pd.DataFrame, list[str], str, list[tu
     id_col = _id_column(df, path)
     ids = df[id_col].str.strip()
     label_cols = [c for c in df.columns if c != id_col]
-    isic2017 = {"melanoma", "seborrheic_keratosis"}
+    isic2017 = set(ISIC2017_SCORED)
     if label_cols == ["label"]:
         fmt = "plain"
         classes, labels, problems = _plain(df["label"], ids)
@@ -147,7 +149,7 @@ def parse_labels(csv: str | Path) -> tuple[pd.DataFrame, list[str], str, list[tu
                 + (f"; unexpected column(s): {', '.join(extra)}" if extra else "")
             )
         classes = list(ISIC2017_CLASSES)
-        labels, problems = _one_hot(df, ["melanoma", "seborrheic_keratosis"], ids, classes, nevus_default=True)
+        labels, problems = _one_hot(df, list(ISIC2017_SCORED), ids, classes, nevus_default=True)
     elif len(label_cols) >= 2:
         fmt = "onehot"
         classes = label_cols

@@ -1,8 +1,9 @@
-"""Classification metrics for dermoscopy models: per-class AUCs, the ISIC 2017 score, thresholds,
-bootstrap confidence intervals and calibration.
+"""Classification metrics for dermoscopy models: per-class AUCs, balanced accuracy, thresholds,
+bootstrap confidence intervals and calibration. Task-specific scores (the ISIC 2017 score, ...) are
+composed from these by `lesionkit.tasks`.
 
 Pure numpy/scipy/sklearn so the trainer, `evaluate` and tests all score identically; nothing here
-knows about torch or Accelerate. A class absent from the labels has an undefined AUC: its value is
+knows about torch, Accelerate or dataset names. A class absent from the labels has an undefined AUC: its value is
 None (JSON null) and a note says why, rather than crashing a whole evaluation.
 """
 from __future__ import annotations
@@ -13,8 +14,6 @@ import numpy as np
 from scipy import optimize, special, stats
 from sklearn import calibration
 from sklearn import metrics as skm
-
-ISIC2017_CLASSES = ("melanoma", "seborrheic_keratosis")
 
 
 def _as_arrays(labels, probs, classes) -> tuple[np.ndarray, np.ndarray]:
@@ -76,8 +75,7 @@ def compute_metrics(labels, probs, classes, thresholds: dict | None = None) -> d
     """Every number `evaluate` reports, as a flat JSON-ready dict.
 
     Keys: `n`, `n_<class>`, `accuracy`, `balanced_accuracy`, `auc_<class>`, `auc_sens_80_<class>`,
-    `ap_<class>`, `auc_macro`, `isic2017_score` (mean of the melanoma and seborrheic keratosis AUCs
-    when both classes exist), `sens_<class>`/`spec_<class>` at the argmax, and with `thresholds`
+    `ap_<class>`, `auc_macro`, `sens_<class>`/`spec_<class>` at the argmax, and with `thresholds`
     ({class: t}, predicted positive when prob >= t) `threshold_<class>`, `sens_thr_<class>`,
     `spec_thr_<class>`; `confusion_matrix` (rows = truth, columns = argmax prediction), `nll`,
     `brier`, `ece`; `notes` lists anything undefined.
@@ -108,9 +106,6 @@ def compute_metrics(labels, probs, classes, thresholds: dict | None = None) -> d
             notes.append(f"auc_{name} undefined: {why} of class {name!r}")
         m[f"sens_{name}"], m[f"spec_{name}"] = _sens_spec(y, pred == c)
     m["auc_macro"] = float(np.mean(aucs)) if aucs else None
-    m["isic2017_score"] = isic2017_score(m)
-    if m["isic2017_score"] is None and all(c in classes for c in ISIC2017_CLASSES):
-        notes.append("isic2017_score undefined: a melanoma or seborrheic_keratosis AUC is undefined")
     if thresholds:
         for c, name in enumerate(classes):
             t = thresholds.get(name)
@@ -127,12 +122,6 @@ def compute_metrics(labels, probs, classes, thresholds: dict | None = None) -> d
         m["ece"] = expected_calibration_error(labels, probs)
     m["notes"] = notes
     return m
-
-
-def isic2017_score(m: dict) -> float | None:
-    """ISIC 2017 Part 3 ranking score: mean of the melanoma and seborrheic keratosis AUCs."""
-    aucs = [m.get(f"auc_{c}") for c in ISIC2017_CLASSES]
-    return float(np.mean(aucs)) if all(a is not None for a in aucs) else None
 
 
 def reliability_bins(labels, probs, n_bins: int = 10) -> dict:
@@ -167,8 +156,9 @@ def _rank_auc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_ci(labels, probs, classes, n: int = 1000, seed: int = 0, level: float = 0.95,
-                 chunk: int = 100) -> dict:
-    """Percentile bootstrap CIs (resampling images with replacement) for each AUC and the ISIC score.
+                 chunk: int = 100, composites: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """Percentile bootstrap CIs (resampling images with replacement) for each AUC and each composite
+    score ({name: classes whose AUCs it averages}, e.g. the ISIC 2017 score).
 
     Returns {metric: [low, high] or None}; resamples where a class is missing or universal are left
     out of that metric's interval (`n_valid_<metric>` says how many were used).
@@ -181,8 +171,9 @@ def bootstrap_ci(labels, probs, classes, n: int = 1000, seed: int = 0, level: fl
         for c, name in enumerate(classes):
             draws[f"auc_{name}"].append(_rank_auc(labels[idx] == c, probs[idx, c]))
     draws = {k: np.concatenate(v) for k, v in draws.items()}
-    if all(c in classes for c in ISIC2017_CLASSES):
-        draws["isic2017_score"] = (draws["auc_melanoma"] + draws["auc_seborrheic_keratosis"]) / 2
+    for name, members in (composites or {}).items():
+        if all(c in classes for c in members):
+            draws[name] = np.mean([draws[f"auc_{c}"] for c in members], axis=0)
     tail = (1 - level) / 2 * 100
     out: dict = {"n_boot": n, "level": level, "seed": seed}
     for k, v in draws.items():

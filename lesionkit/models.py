@@ -318,3 +318,9 @@ def prepare_model(model: nn.Module, channels_last: bool = False, compile: bool =
     if compile:
         model = torch.compile(model)
     return model
+
+
+def forward(model: nn.Module, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a registry model: on images alone, or on images plus per-sample metadata features (`Batch.meta`)
+    for a model built to take them. The one call the trainer and inference make."""
+    return model(images) if meta is None else model(images, meta)

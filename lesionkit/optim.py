@@ -49,17 +49,12 @@ def build_optimizer(cfg, params_or_model) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer={cfg.optimizer!r} is not one of: {', '.join(OPTIMIZERS)}")
 
 
-def monitor_mode(monitor: str) -> str:
-    """'min' for losses, 'max' for scores (AUCs, accuracies, the ISIC 2017 score)."""
-    return "min" if "loss" in monitor else "max"
-
-
-def build_scheduler(cfg, optimizer: torch.optim.Optimizer):
+def build_scheduler(cfg, optimizer: torch.optim.Optimizer, mode: str = "max"):
     """An epoch-level scheduler for `cfg.scheduler`:
 
     - none: constant LR.
     - step: StepLR(step_size, gamma); the study's ResNet18 recipe (SGD, 1e-3, x0.1 every 7 epochs).
-    - plateau: ReduceLROnPlateau on `cfg.monitor` (max for scores, min for losses); the study's
+    - plateau: ReduceLROnPlateau on the monitor (`mode` max for scores, min for losses); the study's
       CustomNet recipe with Adam. Reduces once the metric has not improved for more than
       `plateau_patience` epochs in a row.
     - cosine: linear warmup over `warmup_epochs` (epoch e < W trains at lr*(e+1)/(W+1)), then cosine
@@ -71,7 +66,7 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer):
     if name == "step":
         return lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     if name == "plateau":
-        return lr_scheduler.ReduceLROnPlateau(optimizer, mode=monitor_mode(getattr(cfg, "monitor", "score")),
+        return lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode,
                                               factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     if name == "cosine":
         warmup = cfg.warmup_epochs

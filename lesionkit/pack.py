@@ -1,4 +1,4 @@
-"""`lesionkit pack`: images + labels CSV -> WebDataset shards + manifest.json, atomically, in parallel.
+"""Packing: images + labels CSV -> WebDataset shards + manifest.json, atomically, in parallel.
 
 Why shards: training then reads a few large sequential tar files instead of thousands of small
 JPEGs, and every rank/worker of a distributed job can take whole shards. Images are stored at the
@@ -7,21 +7,18 @@ training size (shorter side = --size) so the loader never decodes a 12 MP JPEG.
 Why draft decoding: libjpeg can decode at 1/2, 1/4 or 1/8 scale straight from the DCT
 coefficients, which skips most of the work for 1-20 MP ISIC photos (see `lesionkit bench pack`).
 
-The output appears all at once or not at all: everything is written to `OUT.tmp-<pid>` beside OUT
-and renamed into place at the end; on any error or Ctrl-C the temp folder is removed.
+The output appears all at once or not at all: everything is written to a temp folder beside OUT
+(`atomic.staged_dir`) and renamed into place at the end; on any error or Ctrl-C it is removed.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import io
 import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import signal
-import sys
-import time
 from collections import deque
 from pathlib import Path
 
@@ -29,13 +26,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from lesionkit import __version__
-from lesionkit.atomic import replace_dir
-from lesionkit.ingest import IngestError, collect, name_some
+from lesionkit import __version__, tasks
+from lesionkit.atomic import staged_dir
+from lesionkit.errors import UsageError
+from lesionkit.ingest import collect, name_some
+from lesionkit.manifest import FORMAT_VERSION, MANIFEST, SHARD_NAME, sha256_file
 
-FORMAT_VERSION = 1  # of the shard layout + manifest; readers refuse any other
-MANIFEST = "manifest.json"
-SHARD_NAME = "shard-{:06d}.tar"
 # Like PIL's thumbnail(reducing_gap=2): decode at >= 2x the target size so Lanczos still has
 # pixels to filter; decoding right at the target size would alias.
 DRAFT_GAP = 2
@@ -46,30 +42,8 @@ TAR_MTIME = 0.0  # fixed member mtime: the same inputs and seed give byte-identi
 log = logging.getLogger(__name__)
 
 
-class PackError(RuntimeError):
+class PackError(UsageError):
     """Packing failed on bad input; the message names the culprit and is meant for the user."""
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """manifest.json of a shard folder, checked for the format version this reader understands."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"shard folder not found: {folder}")
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {folder} is not a shard folder written by `lesionkit pack`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable manifest ({exc})") from exc
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: shard format_version {version!r} is not supported (this lesionkit reads "
-                         f"{FORMAT_VERSION}); repack with `lesionkit pack`")
-    missing = [k for k in ("classes", "num_samples", "shards") if k not in manifest]
-    if missing:
-        raise ValueError(f"{path}: manifest lacks {', '.join(missing)}")
-    return manifest
 
 
 def encode_image(path: str | Path, size: int, quality: int, draft: bool = True) -> tuple[bytes, int, int]:
@@ -151,15 +125,6 @@ def _header_problems(table) -> list[dict]:
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             bad.append({"id": sample_id, "reason": f"unreadable image {path}: {type(e).__name__}: {e}"})
     return bad
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (shards can be GBs)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_shards(folder: Path, samples, classes: list[str], shard_size: int, skip_bad: bool,
@@ -245,17 +210,11 @@ def pack(images: str | Path, labels: str | Path, out: str | Path, size: int = 25
     table = table.iloc[np.random.default_rng(seed).permutation(len(table))]  # every shard mixes classes
     labels_by_id = dict(zip(table["id"], zip(table["label"], table["meta"])))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     encoded = _encoded(list(zip(table["id"], table["path"])), size, quality, draft, workers)
-    try:
+    with staged_dir(out) as tmp, contextlib.closing(encoded):  # closing stops the worker pool at once
         with tqdm(total=len(table), desc="pack", unit="img", disable=not progress) as bar:
             stream = ((*r, *labels_by_id[r[0]]) for r in encoded)
             shards = _write_shards(tmp, stream, classes, shard_size, skip_bad, skipped, bar)
-        encoded.close()
         if not shards:
             raise PackError(f"no samples left to pack ({len(skipped)} skipped)")
         counts = dict.fromkeys(classes, 0)
@@ -266,6 +225,7 @@ def pack(images: str | Path, labels: str | Path, out: str | Path, size: int = 25
             "format_version": FORMAT_VERSION,
             "lesionkit_version": __version__,
             "classes": classes,
+            "task": tasks.detect(classes).name,
             "label_format": found.label_format,
             "num_samples": sum(s["num_samples"] for s in shards),
             "counts": counts,
@@ -276,49 +236,5 @@ def pack(images: str | Path, labels: str | Path, out: str | Path, size: int = 25
                         "metadata": str(Path(metadata).absolute()) if metadata is not None else None},
             "skipped": skipped,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        encoded.close()  # stops the worker pool now, not whenever the generator is collected
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # staged_dir fsyncs the folder
     return manifest
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--images", required=True, help="folder of image files named <id>.jpg")
-    parser.add_argument("--labels", required=True,
-                        help="labels CSV: ISIC 2017 Part 3, ISIC 2018/2019 one-hot, or image_id,label")
-    parser.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    parser.add_argument("--metadata", default=None, help="optional CSV (image_id,age_approximate,sex,...)")
-    parser.add_argument("--size", type=int, default=256, help="shorter side of stored images (default 256)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: all CPUs)")
-    parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="leave bad samples out (listed in manifest 'skipped') instead of failing")
-    parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
-
-
-def run(args) -> int:
-    start = time.perf_counter()
-    try:
-        manifest = pack(args.images, args.labels, args.out, size=args.size, quality=args.quality,
-                        shard_size=args.shard_size, workers=args.workers, seed=args.seed,
-                        skip_bad=args.skip_bad, force=args.force, metadata=args.metadata,
-                        progress=sys.stderr.isatty())
-    except (IngestError, PackError) as e:
-        raise SystemExit(f"lesionkit pack: error: {e}\nnothing was written to {args.out}") from None
-    except KeyboardInterrupt:
-        print(f"lesionkit pack: interrupted; nothing was written to {args.out}", file=sys.stderr)
-        return 130
-    seconds = time.perf_counter() - start
-    n = manifest["num_samples"]
-    counts = ", ".join(f"{k} {v}" for k, v in manifest["counts"].items())
-    print(f"packed {n} samples ({counts}) into {len(manifest['shards'])} shard(s) in {args.out} "
-          f"in {seconds:.1f} s ({n / seconds:.0f} img/s)")
-    if manifest["skipped"]:
-        print(f"skipped {len(manifest['skipped'])} bad sample(s): "
-              f"{name_some([s['id'] for s in manifest['skipped']])} (reasons in manifest.json)")
-    return 0

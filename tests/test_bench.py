@@ -63,7 +63,7 @@ def test_bench_e2e_names_a_folder_that_is_not_shards(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from lesionkit.synth import synthesize
+    from lesionkit.synth.generator import synthesize
 
     root = tmp_path_factory.mktemp("synth") / "data"
     synthesize(root, 4, 0, size=64, workers=1)

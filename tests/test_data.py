@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import CLASSES, make_shards
 
-from lesionkit.data import dataset_info, eval_loader, train_loader
-from lesionkit.pack import read_manifest
+from lesionkit.data import eval_loader, train_loader
+from lesionkit.errors import CorruptDataError, UsageError
+from lesionkit.manifest import dataset_info, read_manifest
 
 # torchvision 0.29 marks its JPEG decoder deprecated (in favour of TorchCodec); it is still the fastest here.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -42,24 +43,24 @@ def test_train_batches_are_full_uint8_cover_the_data_and_reshuffle_each_epoch(sh
     for _ in range(2):
         batches = list(loader)
         assert len(batches) == len(loader) == 8  # workers hold 24 + 36 samples: 3 + 5 batches
-        for images, labels, keys in batches:
+        for images, labels, keys, _ in batches:
             assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
             assert labels.dtype == torch.int64 and labels.tolist() == [_label_of(k) for k in keys]
-        keys = [k for _, _, ks in batches for k in ks]
+        keys = [k for batch in batches for k in batch.keys]
         assert set(keys) == _ids(60) and len(keys) == 64  # 4 padding samples
         epochs.append(keys)
     assert epochs[0] != epochs[1]
 
 
 def test_train_resizes_and_crops_to_the_training_size(shards):
-    images, _, _ = next(iter(train_loader(shards, image_size=20, batch_size=4, workers=0, seed=0, epoch=0,
-                                          rank=0, world_size=1)))
+    images = next(iter(train_loader(shards, image_size=20, batch_size=4, workers=0, seed=0, epoch=0,
+                                          rank=0, world_size=1))).images
     assert images.shape == (4, 3, 20, 20)
 
 
 def test_same_seed_and_epoch_give_the_same_stream_and_set_epoch_jumps(shards):
     def keys(loader):
-        return [k for _, _, ks in loader for k in ks]
+        return [k for b in loader for k in b.keys]
 
     kw = {"image_size": 32, "batch_size": 8, "workers": 0, "seed": 3, "rank": 0, "world_size": 1, "shuffle_buffer": 16}
     at3 = keys(train_loader(shards, epoch=3, **kw))
@@ -79,7 +80,7 @@ def test_ranks_get_equal_batch_counts_and_together_cover_every_sample(tmp_path, 
                               world_size=world_size)
         batches = list(loader)
         lengths += [len(loader), len(batches)]
-        seen += [k for _, _, ks in batches for k in ks]
+        seen += [k for b in batches for k in b.keys]
     assert len(set(lengths)) == 1
     assert set(seen) == _ids(70)
 
@@ -94,7 +95,7 @@ def test_max_batches_caps_the_epoch_on_every_rank(shards):
 def test_batch_transform_runs_in_the_workers(shards):
     loader = train_loader(shards, image_size=32, batch_size=8, workers=2, seed=0, epoch=0, rank=0,
                           world_size=1, batch_transform=_halve)
-    images, _, _ = next(iter(loader))
+    images = next(iter(loader)).images
     assert images.dtype == torch.float32 and images.max() <= 127.5
 
 
@@ -106,7 +107,7 @@ def test_eval_reads_every_sample_exactly_once_with_workers(shards, world_size):
         batches = list(loader)
         assert len(batches) == len(loader)
         total_batches += len(batches)
-        for images, labels, ks in batches:
+        for images, labels, ks, _ in batches:
             assert images.dtype == torch.uint8 and images.shape[1:] == (3, 24, 24)
             assert labels.tolist() == [_label_of(k) for k in ks]
             keys.update(ks)
@@ -119,10 +120,10 @@ def test_balanced_mode_draws_classes_equally_or_by_weight(tmp_path):
     make_shards(tmp_path, 200, 4, size=16, labels=labels, seed=1)
     kw = {"image_size": 16, "batch_size": 16, "workers": 2, "seed": 0, "epoch": 0, "rank": 0, "world_size": 1, "balanced": True}
     loader = train_loader(tmp_path, **kw)
-    drawn = Counter(l for _ in range(2) for _, ls, _ in loader for l in ls.tolist())
+    drawn = Counter(l for _ in range(2) for b in loader for l in b.labels.tolist())
     total = sum(drawn.values())  # 2 epochs x 13 batches x 16 = 416 draws: sd of a share ~0.023
     assert all(abs(drawn[c] / total - 1 / 3) < 0.1 for c in range(3)), drawn
-    weighted = Counter(l for _, ls, _ in train_loader(tmp_path, **{**kw, "workers": 0, "class_weights": [1, 0, 3]})
+    weighted = Counter(l for _, ls, _, _ in train_loader(tmp_path, **{**kw, "workers": 0, "class_weights": [1, 0, 3]})
                        for l in ls.tolist())
     assert weighted[1] == 0 and 2 < weighted[2] / weighted[0] < 4.5, weighted
 
@@ -135,9 +136,9 @@ def test_too_few_shards_for_ranks_times_workers_is_a_clear_error(tmp_path):
 
 
 def test_missing_folder_manifest_or_wrong_version_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="shard folder not found: .*nowhere"):
+    with pytest.raises(UsageError, match="shard folder not found: .*nowhere"):
         read_manifest(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=r"manifest.json not found"):
+    with pytest.raises(UsageError, match=r"manifest.json not found"):
         train_loader(tmp_path, image_size=32, batch_size=2, workers=0, seed=0, epoch=0, rank=0, world_size=1)
     make_shards(tmp_path / "v2", 4, 1)
     path = tmp_path / "v2" / "manifest.json"
@@ -158,13 +159,13 @@ def test_dataset_info_sums_folders_and_rejects_different_classes(tmp_path):
 def test_corrupt_sample_raises_naming_it_unless_skipped(tmp_path, caplog):
     make_shards(tmp_path, 16, 2, corrupt={5})
     kw = {"image_size": 32, "batch_size": 4, "workers": 0, "rank": 0, "world_size": 1}
-    with pytest.raises(ValueError, match=r"corrupt sample 'ISIC_0000005' in shard .*shard-000000.tar"):
+    with pytest.raises(CorruptDataError, match=r"corrupt sample 'ISIC_0000005' in shard .*shard-000000.tar"):
         list(train_loader(tmp_path, seed=0, epoch=0, **kw))
-    with pytest.raises(ValueError, match=r"corrupt sample 'ISIC_0000005' in shard .*shard-000000.tar"):
+    with pytest.raises(CorruptDataError, match=r"corrupt sample 'ISIC_0000005' in shard .*shard-000000.tar"):
         list(eval_loader(tmp_path, **kw))
     with caplog.at_level(logging.WARNING, logger="lesionkit.data"):
         loader = train_loader(tmp_path, seed=0, epoch=0, skip_corrupt=True, **kw)
-        keys = [k for _, _, ks in loader for k in ks]
+        keys = [k for batch in loader for k in batch.keys]
     assert len(keys) == 4 * len(loader) == 16 and "ISIC_0000005" not in keys
     assert set(keys) == _ids(16) - {"ISIC_0000005"}
     assert "skipped corrupt sample 'ISIC_0000005'" in caplog.text
@@ -194,13 +195,13 @@ def test_real_isic_validation_split_packed_then_read_back(isic_val):
                                               150)
     read = {}
     for rank in range(2):
-        for images, labels, keys in eval_loader(isic_val, image_size=32, batch_size=16, workers=2,
+        for images, labels, keys, _ in eval_loader(isic_val, image_size=32, batch_size=16, workers=2,
                                                 rank=rank, world_size=2):
             assert images.shape[1:] == (3, 32, 32) and images.float().std() > 10  # real pixels, not blank
             read.update(zip(keys, labels.tolist()))
     assert read == truth
-    seen = {k for _, _, ks in train_loader(isic_val, image_size=28, batch_size=16, workers=2, seed=0,
-                                           epoch=0, rank=0, world_size=1) for k in ks}
+    seen = {k for batch in train_loader(isic_val, image_size=28, batch_size=16, workers=2, seed=0, epoch=0,
+                                        rank=0, world_size=1) for k in batch.keys}
     assert seen == set(truth)
 
 
@@ -212,7 +213,7 @@ def test_own_tar_reader_matches_webdataset_and_names_a_truncated_shard(shards, t
     assert list(_read(urls)) == theirs and len(theirs) == 60
     data = (shards / "shard-000000.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"shard .*cut.tar is truncated"):
+    with pytest.raises(CorruptDataError, match=r"shard .*cut.tar is truncated"):
         list(_read([str(tmp_path / "cut.tar")]))
 
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from lesionkit.pack import pack
-from lesionkit.synth import synthesize
+from lesionkit.synth.generator import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 

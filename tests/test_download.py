@@ -13,6 +13,7 @@ import pytest
 
 from lesionkit import cli
 from lesionkit.download import PARTS, DownloadError, download_isic2017, fetch
+from lesionkit.errors import UsageError
 
 THUMBS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "isic2017-256"
 VAL_IDS = ["ISIC_0001769", "ISIC_0001852", "ISIC_0001871", "ISIC_0003462"]
@@ -132,13 +133,12 @@ def test_complete_part_file_is_finished_without_refetching(server, tmp_path):
     assert dest.read_bytes() == data
 
 
-def test_truncated_download_is_a_clear_error_and_resumable(server, tmp_path):
+def test_truncated_download_is_a_clear_error_and_resumable(server, tmp_path, capsys):
     server.truncate = True
     root = tmp_path / "isic"
-    with pytest.raises(SystemExit) as failed:
-        cli.main(["download", "isic2017", "--root", str(root), "--base-url", server.url,
-                  "--parts", "val", "--retries", "0"])
-    message = str(failed.value.code)
+    assert cli.main(["download", "isic2017", "--root", str(root), "--base-url", server.url,
+                     "--parts", "val", "--retries", "0"]) == 1
+    message = capsys.readouterr().err
     assert "ISIC-2017_Validation_Part3_GroundTruth.csv" in message
     assert "connection ended at" in message and "run the command again to resume" in message
     assert not (root / PARTS["val"][1]).exists()
@@ -169,5 +169,5 @@ def test_corrupt_zip_is_named_and_deleted(server, tmp_path):
 def test_missing_file_and_unknown_part(server, tmp_path):
     with pytest.raises(DownloadError, match=r"ISIC-2017_Test_v2_Part3_GroundTruth\.csv: HTTP 404"):
         download_isic2017(tmp_path, ["test"], base_url=server.url, retries=0)
-    with pytest.raises(DownloadError, match="unknown part.*bogus"):
+    with pytest.raises(UsageError, match="unknown part.*bogus"):
         download_isic2017(tmp_path, ["bogus"], base_url=server.url)

@@ -19,12 +19,14 @@ from PIL import Image
 from sklearn import metrics as skm
 from wandb_log import records
 
-from lesionkit import evaluate, inference, predict
+from lesionkit import inference
+from lesionkit.cli import run_command
+from lesionkit.data import Batch
 from lesionkit.checkpoint import write_inference_files
 from lesionkit.config import TrainConfig
 from lesionkit.models import create_model, input_stats
 from lesionkit.pack import pack
-from lesionkit.synth import synthesize
+from lesionkit.synth.generator import synthesize
 
 CLASSES = ["nevus", "melanoma", "seborrheic_keratosis"]
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +62,7 @@ def fx(tmp_path_factory):
 def run_evaluate(fx, out, *extra):
     argv = ["--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--out", str(out), "--workers", "0",
             "--bootstrap", "200", *extra]
-    assert evaluate.main(argv) == 0
+    assert run_command("evaluate", argv) == 0
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -133,21 +135,21 @@ def _d4_symmetric_batch(n=3, size=64, seed=0) -> torch.Tensor:
 
 
 def test_tta_on_orientation_invariant_input_equals_plain(fx):
-    model, info, _ = evaluate.load_checkpoint(fx["ckpt"])
-    pre = evaluate.build_preprocess(info, "cpu")
+    model, info, _ = inference.load_checkpoint(fx["ckpt"])
+    pre = inference.build_preprocess(info, "cpu")
     x = _d4_symmetric_batch()
     for view in inference.tta_views(x, "d4"):
         assert torch.equal(view, x)
-    batches = [(x, torch.tensor([0, 1, 2]), ["a", "b", "c"])]
-    _, _, plain = evaluate.predict_probs(model, batches, "cpu", pre, "none")
+    batches = [Batch(x, torch.tensor([0, 1, 2]), ["a", "b", "c"])]
+    _, _, plain = inference.predict_probs(model, batches, "cpu", pre, "none")
     for tta in ("flips", "d4"):
-        _, _, p = evaluate.predict_probs(model, batches, "cpu", pre, tta)
+        _, _, p = inference.predict_probs(model, batches, "cpu", pre, tta)
         assert np.allclose(p, plain, atol=1e-6)
     # ... while on ordinary images the views differ and TTA changes the prediction
     y = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     assert len({bytes(v.numpy()) for v in inference.tta_views(y, "d4")}) == 8
-    _, _, p0 = evaluate.predict_probs(model, [(y, torch.zeros(3), list("xyz"))], "cpu", pre, "none")
-    _, _, p8 = evaluate.predict_probs(model, [(y, torch.zeros(3), list("xyz"))], "cpu", pre, "d4")
+    _, _, p0 = inference.predict_probs(model, [Batch(y, torch.zeros(3), list("xyz"))], "cpu", pre, "none")
+    _, _, p8 = inference.predict_probs(model, [Batch(y, torch.zeros(3), list("xyz"))], "cpu", pre, "d4")
     assert not np.allclose(p0, p8, atol=1e-6)
 
 
@@ -155,14 +157,14 @@ def test_fit_temperature_is_saved_and_applied(fx, tmp_path):
     ckpt = shutil.copytree(fx["ckpt"], tmp_path / "ckpt")
     argv = ["--checkpoint", str(ckpt), "--data", str(fx["val"]), "--out", str(tmp_path / "val"), "--workers", "0",
             "--bootstrap", "0", "--fit-temperature"]
-    assert evaluate.main(argv) == 0
+    assert run_command("evaluate", argv) == 0
     saved = json.loads((ckpt / "temperature.json").read_text())
     fitted = json.loads((tmp_path / "val" / "metrics.json").read_text())
     assert saved["temperature"] == pytest.approx(fitted["temperature"]) and saved["temperature"] != 1.0
     assert "ci" not in fitted
     argv = ["--checkpoint", str(ckpt), "--data", str(fx["val"]), "--out", str(tmp_path / "again"), "--workers",
             "0", "--bootstrap", "0"]
-    assert evaluate.main(argv) == 0
+    assert run_command("evaluate", argv) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["temperature"] == saved["temperature"] and again["nll"] == pytest.approx(fitted["nll"])
     untouched = json.loads((tmp_path / "val" / "metrics.json").read_text())
@@ -185,7 +187,7 @@ def _raw_images(fx, folder: Path) -> list[str]:
 def test_predict_images_writes_isic2017_submission(fx, tmp_path):
     ids = _raw_images(fx, tmp_path / "imgs")
     out = tmp_path / "sub" / "submission.csv"
-    assert predict.main(["--checkpoint", str(fx["ckpt"]), "--images", str(tmp_path / "imgs"), "--out", str(out),
+    assert run_command("predict", ["--checkpoint", str(fx["ckpt"]), "--images", str(tmp_path / "imgs"), "--out", str(out),
                          "--workers", "0", "--tta", "flips"]) == 0
     df = pd.read_csv(out)
     assert list(df.columns) == ["image_id", "melanoma", "seborrheic_keratosis"]
@@ -197,7 +199,7 @@ def test_predict_images_writes_isic2017_submission(fx, tmp_path):
 def test_predict_shards_matches_evaluate(fx, tmp_path):
     m = run_evaluate(fx, tmp_path / "ev")
     out, truth = tmp_path / "sub.csv", tmp_path / "truth.csv"
-    assert predict.main(["--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--out", str(out),
+    assert run_command("predict", ["--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--out", str(out),
                          "--truth-out", str(truth), "--workers", "0"]) == 0
     sub, gt = pd.read_csv(out), pd.read_csv(truth)
     assert sub["image_id"].tolist() == gt["image_id"].tolist() == sorted(sub["image_id"]) and len(sub) == 24
@@ -225,32 +227,31 @@ def test_bad_input_names_culprit_and_writes_nothing(fx, tmp_path, case, capsys):
         expect = f"{ckpt}: cannot load the model"
     else:
         ckpt = make_checkpoint(tmp_path / "ck", classes=["benign", "malignant"])
-        expect = "--format isic2017 needs the classes"
+        expect = "the isic2017 submission needs the classes"
     out = tmp_path / "out" / "submission.csv"
     src = ["--images", str(imgs)] if case in ("empty", "bad_image", "isic2017_classes") else ["--data", str(fx["test"])]
-    with pytest.raises(SystemExit) as exc:
-        predict.main(["--checkpoint", str(ckpt), *src, "--out", str(out), "--workers", "0"])
+    rc = run_command("predict", ["--checkpoint", str(ckpt), *src, "--out", str(out), "--workers", "0"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.startswith("lesionkit predict: error:") and expect in err, err
+    assert rc == 2 and err.startswith("lesionkit predict: error:") and expect in err, err
     assert not out.parent.exists()
     if case in ("classes", "model"):
-        with pytest.raises(SystemExit) as exc:
-            evaluate.main(["--checkpoint", str(ckpt), "--data", str(fx["test"]), "--out", str(tmp_path / "ev"),
-                           "--workers", "0"])
+        rc = run_command("evaluate", ["--checkpoint", str(ckpt), "--data", str(fx["test"]), "--out",
+                                      str(tmp_path / "ev"), "--workers", "0"])
         err = capsys.readouterr().err
-        assert exc.value.code == 2 and err.startswith("lesionkit evaluate: error:") and expect in err, err
+        assert rc == 2 and err.startswith("lesionkit evaluate: error:") and expect in err, err
         assert not (tmp_path / "ev").exists() and not list(tmp_path.glob(".ev.tmp-*"))
 
 
 def test_wandb_logs_into_the_checkpoint_training_run(fx, tmp_path, monkeypatch):
     run_dir = tmp_path / "runs" / "demo"
     ckpt = shutil.copytree(fx["ckpt"], run_dir / "best")
-    torch.save({"loop": {"wandb_id": "lkeval0001"}}, ckpt / "trainer.pt")
+    info = json.loads((ckpt / "info.json").read_text())
+    (ckpt / "info.json").write_text(json.dumps({**info, "wandb_id": "lkeval0001"}))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     argv = ["--checkpoint", str(ckpt), "--data", str(fx["val"]), "--out", str(tmp_path / "ev"), "--workers", "0",
             "--bootstrap", "0", "--wandb"]
-    assert evaluate.main(argv) == 0
+    assert run_command("evaluate", argv) == 0
     (run_file,) = (run_dir / "wandb").glob("offline-run-*-lkeval0001/run-lkeval0001.wandb")
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     summary, images = {}, set()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_evaluate import CLASSES, build_fixture
 
-from lesionkit import evaluate, predict
+from lesionkit.cli import run_command
 
 SCORER_VERSION = "5.6.0"
 SCORER_VENV = Path(f"/tmp/lesionkit-isic-scoring-venv-{SCORER_VERSION}")
@@ -42,10 +42,10 @@ def test_official_scorer_matches_lesionkit_metrics(tmp_path):
     python = scorer_python()
     fx = build_fixture(tmp_path / "fx")
     pred, truth = tmp_path / "pred.csv", tmp_path / "truth.csv"
-    assert predict.main(["--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--format", "isic-scoring",
+    assert run_command("predict", ["--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--format", "isic-scoring",
                          "--truth-out", str(truth), "--out", str(pred), "--workers", "0", "--tta", "flips"]) == 0
     assert pred.read_text().splitlines()[0] == "image," + ",".join(CLASSES)
-    assert evaluate.main(["--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--out", str(tmp_path / "ev"),
+    assert run_command("evaluate", ["--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--out", str(tmp_path / "ev"),
                           "--workers", "0", "--bootstrap", "0", "--tta", "flips"]) == 0
     ours = json.loads((tmp_path / "ev" / "metrics.json").read_text())
 

@@ -7,6 +7,9 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from lesionkit import metrics, plots
+from lesionkit.tasks import get_task
+
+ISIC2017 = get_task("isic2017")
 
 CLASSES = ["nevus", "melanoma", "seborrheic_keratosis"]
 
@@ -20,7 +23,7 @@ def _data(n=200, seed=0, signal=1.5):
 
 def test_compute_metrics_matches_sklearn():
     labels, probs, _ = _data()
-    m = metrics.compute_metrics(labels, probs, CLASSES)
+    m = ISIC2017.metrics(labels, probs, CLASSES)
     json.dumps(m)  # JSON-ready
     for c, name in enumerate(CLASSES):
         assert m[f"auc_{name}"] == pytest.approx(skm.roc_auc_score(labels == c, probs[:, c]))
@@ -50,12 +53,12 @@ def test_auc_sens_80_definition():
 def test_absent_class_is_undefined_not_a_crash():
     labels = np.array([0, 1, 0, 1, 0, 1])
     probs = np.tile([0.5, 0.3, 0.2], (6, 1))
-    m = metrics.compute_metrics(labels, probs, CLASSES)
+    m = ISIC2017.metrics(labels, probs, CLASSES)
     assert m["auc_seborrheic_keratosis"] is None and m["isic2017_score"] is None
     assert m["n_seborrheic_keratosis"] == 0 and m["sens_seborrheic_keratosis"] is None
     assert any("seborrheic_keratosis" in note for note in m["notes"])
     assert m["auc_melanoma"] == pytest.approx(0.5)
-    ci = metrics.bootstrap_ci(labels, probs, CLASSES, n=50)
+    ci = ISIC2017.bootstrap_ci(labels, probs, CLASSES, n=50)
     assert ci["auc_seborrheic_keratosis"] is None and ci["isic2017_score"] is None
 
 
@@ -72,9 +75,9 @@ def test_thresholds_youden_applied():
 
 def test_bootstrap_ci_brackets_point_and_is_reproducible():
     labels, probs, _ = _data(n=150, seed=2)
-    m = metrics.compute_metrics(labels, probs, CLASSES)
-    a = metrics.bootstrap_ci(labels, probs, CLASSES, n=300, seed=0)
-    b = metrics.bootstrap_ci(labels, probs, CLASSES, n=300, seed=0)
+    m = ISIC2017.metrics(labels, probs, CLASSES)
+    a = ISIC2017.bootstrap_ci(labels, probs, CLASSES, n=300, seed=0)
+    b = ISIC2017.bootstrap_ci(labels, probs, CLASSES, n=300, seed=0)
     assert a == b
     for key in [f"auc_{c}" for c in CLASSES] + ["isic2017_score"]:
         lo, hi = a[key]

@@ -15,11 +15,11 @@ def _model():
                                torch.nn.LazyLinear(3))
 
 
-def _setup(**overrides):
+def _setup(mode="max", **overrides):
     cfg = dataclasses.replace(TrainConfig(), **overrides)
     model = torch.nn.Linear(4, 3)
     opt = build_optimizer(cfg, model)
-    return opt, build_scheduler(cfg, opt)
+    return opt, build_scheduler(cfg, opt, mode)
 
 
 def _lrs(opt, sched, epochs, metrics=None):
@@ -63,15 +63,14 @@ def test_step_lr_study_recipe():
 
 
 def test_plateau_reduces_after_patience_epochs_without_improvement():
-    opt, sched = _setup(optimizer="adam", lr=1e-3, scheduler="plateau", plateau_patience=2, plateau_factor=0.1,
-                        monitor="isic2017_score")
+    opt, sched = _setup(optimizer="adam", lr=1e-3, scheduler="plateau", plateau_patience=2, plateau_factor=0.1)
     # best at epoch 1; epochs 2, 3 are tolerated (patience 2); the 3rd flat epoch (4) reduces the LR
     lrs = _lrs(opt, sched, 7, metrics=[0.5, 0.6, 0.6, 0.59, 0.6, 0.7, 0.7])
     assert lrs == pytest.approx([1e-3] * 5 + [1e-4] * 2)
 
 
 def test_plateau_minimises_losses_and_needs_a_metric():
-    opt, sched = _setup(scheduler="plateau", plateau_patience=0, monitor="val_loss")
+    opt, sched = _setup(scheduler="plateau", plateau_patience=0, mode="min")
     assert _lrs(opt, sched, 3, metrics=[1.0, 0.5, 0.7]) == pytest.approx([1e-3, 1e-3, 1e-3])
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)  # the rise to 0.7 reduced it
     with pytest.raises(ValueError, match="needs the monitored validation metric"):

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from threadpoolctl import threadpool_limits
 
-from lesionkit.synth import CLASSES, class_counts, contact_sheet, render, split_labels, synthesize
+from lesionkit.synth.generator import CLASSES, class_counts, contact_sheet, render, split_labels, synthesize
 
 SPLITS = ("Training", "Validation")
 
@@ -149,7 +149,7 @@ def test_existing_out_needs_force_and_is_untouched_without_it(tmp_path):
 
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
-    from lesionkit import synth
+    from lesionkit.synth import generator as synth
 
     def boom(*_):
         raise RuntimeError("disk full")

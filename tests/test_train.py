@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.wandb_log import logged
+from lesionkit.checkpoint import trainer_state
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "lesionkit" / "train.py"
@@ -57,7 +58,7 @@ def free_port() -> int:
 
 
 def history(out) -> list[dict]:
-    return torch.load(Path(out) / "last" / "trainer.pt", weights_only=True)["loop"]["history"]
+    return trainer_state(Path(out) / "last")["loop"]["history"]
 
 
 def final_weights(out) -> dict:
@@ -83,7 +84,7 @@ def test_single_process_run_writes_checkpoints_and_metrics(single):
     assert json.loads((single / "world.json").read_text())["world_size"] == 1
     for link in ("last", "best"):
         ckpt = (single / link).resolve()
-        assert {"model.pt", "config.yaml", "info.json", "trainer.pt"} <= {p.name for p in ckpt.iterdir()}
+        assert {"model.pt", "config.yaml", "info.json", "custom_checkpoint_0.pkl"} <= {p.name for p in ckpt.iterdir()}
     info = json.loads((single / "last" / "info.json").read_text())
     assert info["classes"] == ["nevus", "melanoma", "seborrheic_keratosis"] and info["epoch"] == 3
     metrics = json.loads((single / "metrics.json").read_text())
@@ -103,31 +104,31 @@ def test_two_process_ddp_agrees_with_single_process(tmp_path, tiny_shards, singl
 
     # validation metrics of the 2-rank run equal a single-process evaluation of the same checkpoint
     from lesionkit.augment import build_augment
-    from lesionkit.checkpoint import load_inference_model
     from lesionkit.data import eval_loader
-    from lesionkit.metrics import compute_metrics
+    from lesionkit.inference import load_checkpoint
+    from lesionkit.tasks import get_task
 
-    model, info = load_inference_model(out / "best")
+    model, info, _ = load_checkpoint(out / "best")
     prep = build_augment("none", info["image_size"], info["mean"], info["std"]).eval()
     ys, ps = [], []
     with torch.no_grad():
-        for images, y, _ in eval_loader([tiny_shards["val"]], image_size=32, batch_size=16, workers=0,
-                                        rank=0, world_size=1):
-            ps.append(model(prep(images)).softmax(1))
-            ys.append(y)
-    mine = compute_metrics(torch.cat(ys).numpy(), torch.cat(ps).double().numpy(), info["classes"])
+        for batch in eval_loader([tiny_shards["val"]], image_size=32, batch_size=16, workers=0, rank=0,
+                                 world_size=1):
+            ps.append(model(prep(batch.images)).softmax(1))
+            ys.append(batch.labels)
+    mine = get_task("isic2017").metrics(torch.cat(ys).numpy(), torch.cat(ps).double().numpy(), info["classes"])
     for key in ("auc_nevus", "auc_melanoma", "auc_seborrheic_keratosis", "isic2017_score", "accuracy"):
         assert mine[key] == pytest.approx(info["metrics"][key], abs=1e-6), key
 
 
 def test_validation_tta_scores_as_evaluate_tta_does(tmp_path, tiny_shards, single):
-    from lesionkit import evaluate
+    from lesionkit.cli import run_command
 
     out = tmp_path / "tta"
     train(out, tiny_shards, "--epochs", "1", "--val-tta", "flips")
     logged = history(out)[0]
-    assert evaluate.main(["--checkpoint", str(out / "last"), "--data", str(tiny_shards["val"]), "--tta", "flips",
-                          "--bootstrap", "0", "--workers", "0", "--out", str(tmp_path / "ev")]) == 0
+    assert run_command("evaluate", ["--checkpoint", str(out / "last"), "--data", str(tiny_shards["val"]), "--tta",
+                                    "flips", "--bootstrap", "0", "--workers", "0", "--out", str(tmp_path / "ev")]) == 0
     scored = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     for key in ("auc_melanoma", "auc_seborrheic_keratosis", "isic2017_score"):
         assert logged[key] == pytest.approx(scored[key], abs=1e-6), key
@@ -199,7 +200,7 @@ def test_bad_config_fails_before_training_with_valid_choices(tmp_path, tiny_shar
 def tiny_shards(tmp_path_factory):
     """160 train / 60 val synthetic images at 40 px in 8 + 3 shards (2 ranks x 1 worker fit)."""
     from lesionkit.pack import pack
-    from lesionkit.synth import synthesize
+    from lesionkit.synth.generator import synthesize
 
     root = tmp_path_factory.mktemp("tiny")
     synthesize(root / "raw", n_train=160, n_val=60, size=40, seed=1)

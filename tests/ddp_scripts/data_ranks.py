@@ -24,7 +24,7 @@ loader = train_loader(shards, image_size=32, batch_size=8, workers=2, seed=0, ep
 epochs = []
 for epoch in range(2):
     ids, batches = [], 0
-    for images, labels, keys in loader:
+    for images, labels, keys, _ in loader:
         assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
         total = accelerator.gather(torch.tensor([len(keys)])).sum().item()  # hangs if counts differ
         assert total == 8 * world
@@ -33,7 +33,7 @@ for epoch in range(2):
     epochs.append({"batches": batches, "ids": ids})
 
 evaluated = []
-for images, labels, keys in eval_loader(shards, image_size=32, batch_size=8, workers=2, rank=rank,
+for images, labels, keys, _ in eval_loader(shards, image_size=32, batch_size=8, workers=2, rank=rank,
                                         world_size=world):
     evaluated += [[k, int(label)] for k, label in zip(keys, labels)]
 gathered = gather_object(evaluated)  # what a trainer does: gather (id, prediction) once, at the end

@@ -12,6 +12,7 @@ import torch
 from tests.conftest import make_shards
 from tests.faults.conftest import train_cmd
 from tests.test_train import free_port
+from lesionkit.checkpoint import trainer_state
 
 
 def lone_rank0() -> dict:
@@ -120,6 +121,6 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(zygote, shards, one_
     assert (run / "last").resolve() == before and before.name == "epoch-0001"
     for name, tensor in torch.load(run / "last" / "model.pt", weights_only=True).items():
         assert torch.equal(tensor, weights[name])
-    assert torch.load(run / "last" / "trainer.pt", weights_only=True)["loop"]["epoch"] == 1
+    assert trainer_state(run / "last")["loop"]["epoch"] == 1
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the partial save was removed
     assert json.loads((run / "last" / "info.json").read_text())["epoch"] == 1

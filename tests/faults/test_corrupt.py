@@ -13,6 +13,7 @@ import torch
 from tests.conftest import make_shards
 from tests.faults.conftest import train_cmd
 from tests.wandb_log import logged
+from lesionkit.checkpoint import trainer_state
 
 BAD_KEYS = ("ISIC_0000005", "ISIC_0000047")  # not JPEG bytes: in shard-000000 and shard-000002
 
@@ -74,7 +75,7 @@ def skipped_run(zygote, shards, bad, tmp_path_factory):
 
 def test_skip_corrupt_skips_and_counts_per_epoch_in_table_history_and_wandb(skipped_run, bad):
     out, text = skipped_run
-    history = torch.load(out / "last" / "trainer.pt", weights_only=True)["loop"]["history"]
+    history = trainer_state(out / "last")["loop"]["history"]
     counts = [row["corrupt"] for row in history]
     # every epoch reads every sample at least once: both bad JPEGs and the lost rest of the truncated shard
     assert len(counts) == 2 and all(c >= len(BAD_KEYS) + bad["lost"] for c in counts), counts

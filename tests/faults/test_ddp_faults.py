@@ -14,6 +14,7 @@ import torch
 
 from tests.faults.conftest import REPO, base_env, data_args, launch_ddp
 from tests.test_train import TINY, free_port
+from lesionkit.checkpoint import trainer_state
 
 pytestmark = pytest.mark.ddp
 
@@ -106,4 +107,4 @@ def test_nonfinite_loss_stops_every_rank_at_the_same_step_keeping_the_last_check
     assert last.name == "epoch-0001"
     weights = torch.load(last / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
-    assert torch.load(last / "trainer.pt", weights_only=True)["loop"]["epoch"] == 1
+    assert trainer_state(last)["loop"]["epoch"] == 1

@@ -11,9 +11,10 @@ import torch
 
 from tests.faults.conftest import train_cmd
 from tests.test_train import assert_same_weights, final_weights
+from lesionkit.checkpoint import trainer_state
 
 EPOCHS = ["--epochs", "4", "--max-steps-per-epoch", "4"]
-CHECKPOINT_FILES = {"model.pt", "trainer.pt", "info.json", "config.yaml", "model.safetensors", "optimizer.bin",
+CHECKPOINT_FILES = {"model.pt", "custom_checkpoint_0.pkl", "info.json", "config.yaml", "model.safetensors", "optimizer.bin",
                     "random_states_0.pkl"}
 MARK = "stale-marker"  # planted in leftover .tmp-* folders: must never reach a published checkpoint
 
@@ -28,7 +29,7 @@ def assert_complete(run: Path) -> int:
         assert target.parent == (run / "checkpoints").resolve() and not target.name.startswith(".tmp"), target
         assert CHECKPOINT_FILES <= {p.name for p in target.iterdir()}, sorted(p.name for p in target.iterdir())
         assert isinstance(torch.load(target / "model.pt", weights_only=True), dict)
-        loop = torch.load(target / "trainer.pt", weights_only=True)["loop"]
+        loop = trainer_state(target)["loop"]
         info = json.loads((target / "info.json").read_text())
         assert info["epoch"] == loop["epoch"] and target.name == f"epoch-{loop['epoch']:04d}"
         if link == "last":
@@ -81,7 +82,7 @@ def test_kill9_ten_times_resumes_to_the_uninterrupted_weights(zygote, shards, tm
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
     assert assert_complete(run) == 4
     assert_same_weights(final_weights(run), final_weights(tmp_path / "ref"), atol=1e-6)
-    assert [r["epoch"] for r in torch.load(run / "last" / "trainer.pt", weights_only=True)["loop"]["history"]] \
+    assert [r["epoch"] for r in trainer_state(run / "last")["loop"]["history"]] \
         == [1, 2, 3, 4]
     assert not list(run.rglob(MARK)) and not list((run / "checkpoints").glob(".tmp-*"))
     # the kills really were spread: some in checkpoint writes, some elsewhere, resumes from several epochs

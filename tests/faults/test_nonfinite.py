@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import make_shards
 from tests.faults.conftest import train_cmd
+from lesionkit.checkpoint import trainer_state
 
 BATCHES = ["--batch-size", "16", "--shuffle-buffer", "1", "--epochs", "2"]
 
@@ -41,7 +42,7 @@ def test_skip_nonfinite_skips_exactly_the_nan_steps(zygote, shards, tmp_path):
     out = tmp_path / "skip"
     rc, text = zygote.run(train_cmd(args, out, *BATCHES, "--skip-nonfinite"), tmp_path / "skip.log")
     assert rc == 0, text[-3000:]
-    history = torch.load(out / "last" / "trainer.pt", weights_only=True)["loop"]["history"]
+    history = trainer_state(out / "last")["loop"]["history"]
     assert [row["nonfinite"] for row in history] == [2, 2]  # the 2 all-unlabelled batches of each epoch
     rows = [x.split() for x in text.splitlines() if x.split()[:1] in (["1"], ["2"])]
     assert [r[-1] for r in rows] == ["2", "2"]

@@ -46,14 +46,14 @@ def poisoned_copy(run: Path, dest: Path, name: str) -> Path:
     return marker
 
 
-@pytest.mark.parametrize("name", ["model.pt", "trainer.pt", "optimizer.bin", "random_states_0.pkl"])
+@pytest.mark.parametrize("name", ["model.pt", "custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
 def test_resume_refuses_a_pickle_payload(zygote, shards, trained, tmp_path, name):
     run = tmp_path / "run"
     marker = poisoned_copy(trained[0], run, name)
     rc, out = zygote.run(train_cmd(shards, run, "--epochs", "2", "--max-steps-per-epoch", "2", "--resume"),
                          tmp_path / "log")
     errors = [x for x in out.splitlines() if x.startswith("lesionkit train: error:")]
-    assert rc == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
     assert f"{name}: refused to load, it holds more than tensors" in errors[0] and "posix.system" in errors[0]
     assert not marker.exists()
     assert (run / "last").resolve().name == "epoch-0001"  # nothing trained on top of it

@@ -18,8 +18,6 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,9 +26,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from threadpoolctl import threadpool_limits
 
-from lesionkit.atomic import replace_dir
+from lesionkit.atomic import staged_dir, write_bytes
+from lesionkit.errors import UsageError
+from lesionkit.tasks import ISIC2017_CLASSES
 
-CLASSES = ("nevus", "melanoma", "seborrheic_keratosis")
+CLASSES = ISIC2017_CLASSES
 ISIC2017_PRIORS = (0.69, 0.19, 0.12)
 SPLITS = (("Training", 0), ("Validation", 1))
 POOL_MIN_IMAGES = 64  # below this a process pool costs more than it saves
@@ -304,19 +304,19 @@ def _single_threaded_blas() -> None:
 def _check(n_train, n_val, size, priors, difficulty, hair_prob, quality) -> None:
     """Reject bad parameters before anything is written; messages name the CLI flag."""
     if not isinstance(n_train, (int, np.integer)) or n_train < 1:
-        raise ValueError(f"--n-train must be a positive integer, got {n_train!r}")
+        raise UsageError(f"--n-train must be a positive integer, got {n_train!r}")
     if not isinstance(n_val, (int, np.integer)) or n_val < 0:
-        raise ValueError(f"--n-val must be a non-negative integer, got {n_val!r}")
+        raise UsageError(f"--n-val must be a non-negative integer, got {n_val!r}")
     if not 32 <= size <= 4096:
-        raise ValueError(f"--size must be between 32 and 4096 pixels, got {size}")
+        raise UsageError(f"--size must be between 32 and 4096 pixels, got {size}")
     if len(priors) != len(CLASSES) or min(priors) < 0 or sum(priors) <= 0:
-        raise ValueError(f"--priors must be {len(CLASSES)} non-negative numbers, not all 0, got {priors}")
+        raise UsageError(f"--priors must be {len(CLASSES)} non-negative numbers, not all 0, got {priors}")
     if not 0 <= difficulty <= 1:
-        raise ValueError(f"--difficulty must be in [0, 1], got {difficulty}")
+        raise UsageError(f"--difficulty must be in [0, 1], got {difficulty}")
     if not 0 <= hair_prob <= 1:
-        raise ValueError(f"--hair-prob must be in [0, 1], got {hair_prob}")
+        raise UsageError(f"--hair-prob must be in [0, 1], got {hair_prob}")
     if not 1 <= quality <= 100:
-        raise ValueError(f"--quality must be in [1, 100], got {quality}")
+        raise UsageError(f"--quality must be in [1, 100], got {quality}")
 
 
 def synthesize(out, n_train: int, n_val: int, size: int = 256, seed: int = 0, priors=ISIC2017_PRIORS,
@@ -330,17 +330,16 @@ def synthesize(out, n_train: int, n_val: int, size: int = 256, seed: int = 0, pr
     """
     _check(n_train, n_val, size, priors, difficulty, hair_prob, quality)
     if workers is not None and workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise UsageError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+        raise UsageError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
+        raise UsageError(f"{out} exists and is not empty (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:  # an existing OUT is empty here, or replaced under --force
         params = {"size": size, "seed": seed, "priors": list(priors), "difficulty": difficulty,
                   "hair_prob": hair_prob, "quality": quality}
         summary = {"classes": list(CLASSES), "params": params, "splits": {}}
@@ -372,11 +371,6 @@ def synthesize(out, n_train: int, n_val: int, size: int = 256, seed: int = 0, pr
             _write_csv(tmp / f"ISIC-2017_{name}_Data_metadata.csv", ["image_id", "age_approximate", "sex"],
                        [(i, *meta[start + k]) for k, i in enumerate(ids)])
         (tmp / "lesionkit_synth.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-        replace_dir(tmp, out)  # an existing OUT is empty here, or replaced under --force
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["root"] = str(out)
     return summary
 
@@ -418,46 +412,7 @@ def contact_sheet(root, out_png, per_class: int = 6, split: str = "Training", wi
             if j == 0:
                 ax.set_ylabel(name.replace("_", "\n"), fontsize=10)
     fig.subplots_adjust(left=0.09, right=0.995, top=0.995, bottom=0.005, wspace=0.03, hspace=0.03)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=dpi)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser) -> None:
-    parser.add_argument("out", metavar="OUT", help="folder to create (ISIC 2017 layout)")
-    parser.add_argument("--n-train", type=int, default=2000, metavar="N", help="training images (default 2000)")
-    parser.add_argument("--n-val", type=int, default=150, metavar="M", help="validation images (default 150)")
-    parser.add_argument("--size", type=int, default=256, metavar="S", help="image side in pixels (default 256)")
-    parser.add_argument("--seed", type=int, default=0, metavar="K", help="same seed, same bytes (default 0)")
-    parser.add_argument("--difficulty", type=float, default=0.5, metavar="D",
-                        help="chance each feature group comes from a random class: "
-                             "0 = textbook, 1 = no signal (default 0.5)")
-    parser.add_argument("--hair-prob", type=float, default=0.3, metavar="P",
-                        help="fraction of images with hairs (default 0.3)")
-    parser.add_argument("--priors", type=float, nargs=3, default=list(ISIC2017_PRIORS),
-                        metavar=("NEVUS", "MELANOMA", "SK"),
-                        help="class priors (default ISIC 2017: 0.69 0.19 0.12)")
-    parser.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG quality (default 95)")
-    parser.add_argument("--workers", type=int, default=None, metavar="W", help="processes (default min(4, CPUs))")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
-    parser.add_argument("--contact-sheet", metavar="PNG", help="also write a PNG grid of samples per class")
-
-
-def run(args) -> int:
-    try:
-        summary = synthesize(args.out, args.n_train, args.n_val, size=args.size, seed=args.seed,
-                             priors=tuple(args.priors), difficulty=args.difficulty, hair_prob=args.hair_prob,
-                             workers=args.workers, force=args.force, quality=args.quality)
-    except (ValueError, FileExistsError) as e:
-        raise SystemExit(f"lesionkit synth: error: {e}") from None
-    for split, info in summary["splits"].items():
-        counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
-        print(f"{split}: {info['num_samples']} images ({counts})")
-    print(f"wrote {summary['root']}")
-    if args.contact_sheet:
-        print(f"wrote {contact_sheet(args.out, args.contact_sheet)}")
-    return 0
+    return write_bytes(out_png, buf.getvalue())

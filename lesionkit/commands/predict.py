@@ -1,0 +1,90 @@
+"""`lesionkit predict`: probabilities for a folder of raw images or packed shards -> a submission CSV.
+
+Formats:
+- `isic2017` (default): ISIC 2017 Part 3, `image_id,melanoma,seborrheic_keratosis`, one row per
+  image, sorted by id.
+- `isic-scoring`: the official scorer's input (`isic-challenge-scoring classification TRUTH PRED`):
+  an `image` column and one probability column per class. The scorer takes the category names from
+  the ground-truth header and demands exactly the same columns in the prediction, so lesionkit writes
+  the checkpoint's class names; `--truth-out` writes the matching one-hot ground truth for labelled
+  shards.
+Nothing is written unless every image was scored.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lesionkit import tasks
+from lesionkit.atomic import write_text
+from lesionkit.config import TTA_MODES
+from lesionkit.data import eval_loader
+from lesionkit.errors import UsageError
+from lesionkit.inference import build_preprocess, check_classes, load_checkpoint, predict_probs
+from lesionkit.manifest import dataset_info
+from lesionkit.predict import image_batches, list_images
+
+# format -> the task whose submission layout it is (`isic-scoring`: an image column, one column per class)
+FORMATS = {"isic2017": "isic2017", "isic-scoring": "custom"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/NAME/best")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", metavar="DIR", help="folder of raw .jpg/.jpeg/.png images (any size)")
+    src.add_argument("--data", nargs="+", metavar="DIR", help="shard folder(s) written by `lesionkit pack`")
+    parser.add_argument("--out", required=True, help="submission CSV to write")
+    parser.add_argument("--format", default="isic2017", choices=FORMATS, help="submission layout")
+    parser.add_argument("--truth-out", metavar="CSV",
+                        help="with --data: also write the labels as ground truth in the same format")
+    parser.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation")
+    parser.add_argument("--temperature", type=float,
+                        help="softmax temperature (default: the checkpoint's temperature.json, else 1)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.truth_out and not args.data:
+        raise UsageError("--truth-out needs labelled shards (--data)")
+    if args.batch_size < 1 or args.workers < 0:
+        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+    if args.temperature is not None and args.temperature <= 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    device = torch.device(args.device)
+    model, info, temperature = load_checkpoint(args.checkpoint, device)
+    temperature = args.temperature or temperature
+    classes, layout = list(info["classes"]), tasks.get_task(FORMATS[args.format])
+    if args.data:
+        data_classes, _, num_samples = dataset_info(args.data)
+        check_classes(info, data_classes, args.checkpoint, " ".join(args.data))
+    layout.submission_frame([], np.zeros((0, len(classes))), classes)  # format check before any work
+    errors: list[str] = []
+    if args.images:
+        batches = image_batches(list_images(Path(args.images)), info["image_size"], args.batch_size, args.workers,
+                                errors)
+    else:
+        batches = eval_loader(args.data, image_size=info["image_size"], batch_size=args.batch_size,
+                              workers=args.workers, rank=0, world_size=1)
+    keys, labels, probs = predict_probs(model, batches, device, build_preprocess(info, device), args.tta,
+                                        temperature)
+    if errors:
+        shown = "\n  ".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
+        raise UsageError(f"{len(errors)} file(s) in {args.images} are not readable images; nothing written:"
+                         f"\n  {shown}")
+    if args.data and len(keys) != num_samples:
+        raise UsageError(f"scored {len(keys)} samples but the manifests list {num_samples}")
+    if not keys:
+        raise UsageError("no images to predict")
+    sub = layout.submission_frame(keys, probs, classes)
+    truth = layout.truth_frame(keys, labels, classes) if args.truth_out else None
+    write_text(Path(args.out), sub.to_csv(index=False))
+    if truth is not None:
+        write_text(Path(args.truth_out), truth.to_csv(index=False))
+    print(f"lesionkit predict: {len(sub)} images, format {args.format}, tta={args.tta} -> {args.out}"
+          + (f" (ground truth: {args.truth_out})" if truth is not None else ""))
+    return 0

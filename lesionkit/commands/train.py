@@ -1,0 +1,23 @@
+"""`lesionkit train` (and `accelerate launch lesionkit/train.py`): flags from the config dataclass."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lesionkit.config import add_config_flags, config_from_args, to_yaml
+from lesionkit.train import check_config, probe_writable, train, use_demo_data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    cfg = use_demo_data(cfg)
+    monitor = check_config(cfg)
+    probe_writable(Path(cfg.output_dir))
+    return train(cfg, monitor)

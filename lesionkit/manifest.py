@@ -1,0 +1,92 @@
+"""The shard folder contract: `manifest.json` beside `shard-NNNNNN.tar` files, written by `lesionkit pack`
+and read by every reader (loader, evaluate, stats). One module, so writer and readers agree on it.
+
+manifest.json holds `format_version`, `classes`, `num_samples`, `counts` (per class), `shards` (name,
+num_samples, counts, bytes, sha256 each), the pack `params` (stored `size`, ...), `sources`, `skipped`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from lesionkit import sources
+from lesionkit.errors import UsageError
+
+FORMAT_VERSION = 1  # of the shard layout + manifest; readers refuse any other
+MANIFEST = "manifest.json"
+SHARD_NAME = "shard-{:06d}.tar"
+
+
+def read_manifest(location: str | Path) -> dict:
+    """manifest.json of a shard folder, checked for the format version this reader understands."""
+    url = sources.join(location, MANIFEST)
+    if not sources.is_remote(location):
+        if not Path(location).is_dir():
+            raise UsageError(f"shard folder not found: {location}")
+        if not Path(url).is_file():
+            raise UsageError(f"{url} not found: {location} is not a shard folder written by `lesionkit pack`")
+    try:
+        manifest = json.loads(sources.read_bytes(url).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{url}: unreadable manifest ({exc})") from exc
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise UsageError(f"{url}: shard format_version {version!r} is not supported (this lesionkit reads "
+                         f"{FORMAT_VERSION}); repack with `lesionkit pack`")
+    missing = [k for k in ("classes", "num_samples", "shards") if k not in manifest]
+    if missing:
+        raise UsageError(f"{url}: manifest lacks {', '.join(missing)}")
+    return manifest
+
+
+def as_list(locations) -> list[str]:
+    return [str(locations)] if isinstance(locations, (str, Path)) else [str(d) for d in locations]
+
+
+def dataset_info(locations) -> tuple[list[str], dict[str, int], int]:
+    """(classes, counts per class, number of samples) over shard folders that share one class list."""
+    classes, counts, total, first = None, {}, 0, None
+    for folder in as_list(locations):
+        manifest = read_manifest(folder)
+        if classes is None:
+            classes, first = list(manifest["classes"]), folder
+            counts = dict.fromkeys(classes, 0)
+        elif list(manifest["classes"]) != classes:
+            raise UsageError(f"shard folders disagree on the classes: {first} has {classes}, "
+                             f"{folder} has {manifest['classes']}")
+        for name, n in manifest.get("counts", {}).items():
+            counts[name] += int(n)
+        total += int(manifest["num_samples"])
+    if classes is None:
+        raise UsageError("no shard folders given")
+    return classes, counts, total
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (shards can be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(folder: str | Path) -> list[str]:
+    """Problems found re-hashing the shards of one folder ([] when every shard matches its manifest)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    problems = []
+    for shard in manifest["shards"]:
+        path = folder / shard["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            problems.append(f"{path}: {size} bytes, manifest says {shard['bytes']}")
+        elif sha256_file(path) != shard["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (corrupted)")
+    if sum(s["num_samples"] for s in manifest["shards"]) != manifest["num_samples"]:
+        problems.append(f"{folder}/manifest.json: shard sample counts do not add up to num_samples")
+    return problems
