@@ -1,7 +1,8 @@
 """The `lesionkit` command: parses arguments and dispatches to the module that owns each subcommand.
 
-Each subcommand lives in its own module as `add_arguments(parser)` + `run(args) -> int`; modules are
-imported lazily so `lesionkit --help` stays fast (no torch import).
+Each subcommand lives in its own module as `add_arguments(parser)` + `run(args) -> int` (`bench` in the
+top-level `benchmarks` package, beside this one); modules are imported lazily so `lesionkit --help` stays
+fast (no torch import).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("lesionkit.evaluate", "score a checkpoint on packed shards: metrics.json, predictions, plots"),
     "predict": ("lesionkit.predict", "write an ISIC submission CSV for a folder of images or shards"),
     "preview-aug": ("lesionkit.preview", "write a PNG grid of original and augmented images"),
-    "bench": ("lesionkit.bench", "benchmarks: loader, aug, step, e2e, pack (baseline beside each)"),
+    "bench": ("benchmarks.cli", "benchmarks: loader, aug, step, e2e, pack (baseline beside each)"),
 }
 
 
