@@ -26,7 +26,7 @@ test: venv slurm
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check lesionkit tests
+	$(BIN)/ruff check lesionkit benchmarks tests
 
 clean:
 	rm -rf $(VENV) runs wandb shards/demo

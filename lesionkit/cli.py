@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                 "plots"),
     "predict": ("lesionkit.commands.predict", "write a submission CSV for a folder of images or shards"),
     "preview-aug": ("lesionkit.commands.preview", "write a PNG grid of original and augmented images"),
-    "bench": ("benchmarks.cli", "benchmarks: loader, aug, step, e2e, pack (baseline beside each)"),
+    "bench": ("benchmarks.cli", "benchmarks: loader, aug, step, e2e, pack, memory (baseline beside each)"),
 }
 
 

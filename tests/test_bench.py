@@ -1,8 +1,12 @@
-"""`lesionkit bench step|e2e|pack|memory`: each prints its table and appends one valid JSON line, and memory
-does not grow with the number of samples (the CI-sized version of `bench memory`)."""
+"""`lesionkit bench step|e2e|pack|memory` (the top-level `benchmarks` package): each prints its table and
+appends one valid JSON line, and memory does not grow with the number of samples (the CI-sized version of
+`bench memory`)."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,17 @@ def one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_bench_help_lists_every_benchmark_and_imports_none_of_them():
+    """`lesionkit bench` imports only the benchmark it runs: its help loads no torch."""
+    code = ("import sys\nfrom lesionkit.cli import main\ntry:\n    main(['bench', '--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60)
+    assert res.returncode == 0, res.stderr
+    listed = re.findall(r"^    (\S+)", res.stdout, re.MULTILINE)  # the subcommand lines of the help
+    assert listed == ["loader", "aug", "step", "e2e", "pack", "memory"], res.stdout
+    assert res.stdout.splitlines()[-1] == "torch imported: False"
 
 
 def test_bench_step_times_precisions_and_layouts_beside_fp32(tmp_path, capsys):

@@ -1,0 +1,192 @@
+"""`lesionkit bench e2e`: the real training loop (shards -> loader -> device -> augment -> step) vs the step
+alone on one batch already on the device, with the share of time waiting for data; --world N also runs N
+CPU DDP processes for per-rank throughput."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object
+
+from benchmarks.harness import (
+    fail,
+    machine,
+    measure_interleaved,
+    pick_device,
+    pick_precision,
+    report,
+    set_threads,
+    sync,
+)
+from lesionkit import train as trainer
+from lesionkit.augment import PRESETS, build_augment, choose_placement
+from lesionkit.config import TrainConfig
+from lesionkit.data import dataset_info, train_loader
+from lesionkit.models import create_model, input_stats, list_models, prepare_model
+from lesionkit.optim import build_optimizer
+from lesionkit.pack import read_manifest
+
+# --- one rank's measurement: the trainer's set-up, re-typed here ----------------------------------------
+# `_e2e_rank` repeats what lesionkit.train does before its loop (accelerator, model, optimizer, loader,
+# augmentation) and then runs the trainer's own `train_one_epoch`. It is the one place that knows the
+# trainer's set-up: when train.py offers `build(cfg) -> TrainContext`, this function becomes a call to it.
+
+class _SameBatch:
+    """The step baseline's loader for `train_one_epoch`: one batch already on the device, `n` times."""
+
+    skipped = 0  # what ShardLoader reports for --skip-corrupt: nothing here
+
+    def __init__(self, batch: tuple, n: int):
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter([self.batch] * self.n)
+
+
+def _e2e_rank(args) -> dict:
+    """This process's part of `bench e2e`: the trainer's own `train_one_epoch`, over one fixed normalized batch
+    already on the device (the step baseline) and over the real shard loader + augmentation, in turns."""
+    device = pick_device(args.device)
+    set_threads(args.threads)
+    precision = pick_precision(args.precision, device)
+    channels_last = args.channels_last
+    cfg = TrainConfig(train=[str(args.data)], model=args.model, image_size=args.image_size,
+                      batch_size=args.batch_size, workers=args.workers, augment=args.preset,
+                      channels_last=channels_last, compile=args.compile, max_steps_per_epoch=args.steps,
+                      mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu",
+                      wandb=False)
+    accelerator = trainer.make_accelerator(cfg)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    classes, _, _ = dataset_info(cfg.train)
+    torch.manual_seed(0)
+    model = prepare_model(create_model(cfg.model, num_classes=len(classes)), cfg.channels_last, cfg.compile)
+    optimizer = build_optimizer(cfg, model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    mean, std = input_stats(cfg.model)
+    placement = choose_placement(device.type, cfg.augment) if args.placement == "auto" else args.placement
+    augment = build_augment(cfg.augment, cfg.image_size, mean, std)
+    loader = train_loader(cfg.train, image_size=cfg.image_size, batch_size=cfg.batch_size, workers=cfg.workers,
+                          seed=cfg.seed, epoch=0, rank=rank, world_size=world, shuffle_buffer=cfg.shuffle_buffer,
+                          batch_transform=augment if placement == "workers" else None, max_batches=args.steps)
+    device_augment = None if placement == "workers" else augment.to(device)
+    generator = torch.Generator().manual_seed(rank)
+    raw = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                        generator=generator)
+    fixed = build_augment("none", cfg.image_size, mean, std).to(device).eval()(raw.to(device))
+    labels = torch.randint(0, len(classes), (cfg.batch_size,), generator=generator).to(device)
+    synthetic = _SameBatch((fixed, labels, [""] * cfg.batch_size), len(loader))
+    stop = types.SimpleNamespace(requested=False)
+    totals: dict[str, list[dict]] = {"step": [], "e2e": []}
+
+    def epoch(name: str, batches, aug) -> Callable[[], int]:
+        def run() -> int:
+            done = trainer.train_one_epoch(cfg, accelerator, model, optimizer, batches, aug, None, None,
+                                           trainer.LoopState(), stop, None, 0, None)
+            sync(device)
+            totals[name].append(done)
+            return done["n"]
+        return run
+
+    rows, _ = measure_interleaved({"step": epoch("step", synthetic, None),
+                                   "e2e": epoch("e2e", loader, device_augment)}, args.repeats)
+    for name, row in rows.items():
+        timed = totals[name][-args.repeats:]  # the warm-up pass also starts the loader workers
+        row["data_wait"] = round(statistics.median(t["data_s"] / max(t["data_s"] + t["compute_s"], 1e-9)
+                                                   for t in timed), 3)
+    result = {"rank": rank, "world": world, "rows": rows, "placement": placement, "precision": precision,
+              "channels_last": channels_last, "batches_per_pass": len(loader), **machine(device)}
+    if world > 1:
+        result = gather_object([result])
+    accelerator.end_training()
+    return result
+
+
+# --- --world N: the same measurement in N CPU DDP processes ---------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_ranks(args, world: int) -> list[dict]:
+    """`bench e2e` again in `world` CPU processes through the cpu_ddp accelerate config (gloo DDP: the
+    gradient all-reduce is part of every step); the ranks' results come back through a file."""
+    config = Path(__file__).resolve().parents[1] / "accelerate_configs" / "cpu_ddp.yaml"
+    launcher = Path(sys.executable).with_name("accelerate")
+    if not config.is_file() or not launcher.exists():
+        raise FileNotFoundError(f"--world {world} needs {config} and {launcher} (a source checkout with its venv)")
+    with tempfile.TemporaryDirectory(prefix="lk-bench-e2e-") as tmp:
+        result = Path(tmp) / "ranks.json"
+        cmd = [str(launcher), "launch", "--config_file", str(config), "--num_processes", str(world),
+               "--main_process_port", str(_free_port()), "-m", "lesionkit.cli", "bench", "e2e", args.model,
+               "--data", str(args.data), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--image-size", str(args.image_size), "--workers", str(args.workers), "--preset", args.preset,
+               "--placement", args.placement, "--precision", args.precision, "--device", "cpu",
+               "--repeats", str(args.repeats), "--threads", str(args.threads), "--world", str(world),
+               "--result-file", str(result),
+               "--channels-last" if args.channels_last else "--no-channels-last"] + (["--compile"] * args.compile)
+        done = subprocess.run(cmd, env=dict(os.environ, ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0 or not result.is_file():
+            raise RuntimeError(f"the {world}-process run failed (exit {done.returncode}):\n"
+                               f"{(done.stdout + done.stderr)[-3000:]}")
+        return json.loads(result.read_text())
+
+
+def bench(args) -> int:
+    if args.model not in list_models():
+        raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(list_models())}")
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    if args.world < 1 or args.steps < 1 or args.workers < 0:
+        raise ValueError("--world and --steps must be >= 1, --workers >= 0")
+    manifest = read_manifest(args.data)  # a missing or foreign folder fails here, naming it
+    if args.result_file:  # a rank of a --world N run started by `_launch_ranks`
+        ranks = _e2e_rank(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(args.result_file).write_text(json.dumps(ranks))
+        return 0
+    if args.world > 1 and pick_device(args.device).type != "cpu":
+        raise ValueError("--world N runs CPU processes (cpu_ddp config); on GPUs use `accelerate launch` yourself")
+    one = _e2e_rank(args)
+    cases = {"step": one["rows"]["step"], "e2e": one["rows"]["e2e"]}
+    if args.world > 1:
+        try:
+            ranks = _launch_ranks(args, args.world)
+        except RuntimeError as exc:
+            return fail("e2e", exc)
+        for name in ("step", "e2e"):
+            per_rank = [r["rows"][name] for r in ranks]
+            cases[f"{name}, {args.world} procs, per rank"] = {
+                "items_per_s": statistics.mean(r["items_per_s"] for r in per_rank),
+                "runs": [r["runs"] for r in per_rank], "items": per_rank[0]["items"],
+                "cpu_ms_per_item": statistics.mean(r["cpu_ms_per_item"] for r in per_rank),
+                "data_wait": max(r["data_wait"] for r in per_rank)}
+        total = cases[f"e2e, {args.world} procs, per rank"]
+        cases[f"e2e, {args.world} procs, all ranks"] = {**total, "items_per_s": total["items_per_s"] * args.world}
+    params = {"model": args.model, "data": str(args.data), "num_samples": manifest["num_samples"],
+              "stored_size": manifest.get("params", {}).get("size"), "steps": args.steps,
+              "batches_per_pass": one["batches_per_pass"], "batch_size": args.batch_size,
+              "image_size": args.image_size, "workers": args.workers, "preset": args.preset,
+              "placement": one["placement"], "precision": one["precision"], "channels_last": one["channels_last"],
+              "compile": args.compile, "world": args.world, "repeats": args.repeats,
+              **{k: one[k] for k in ("device", "device_name", "torch", "cpus", "torch_threads", "loadavg_1m")}}
+    record = report("e2e", cases, "step", params, args.out)
+    print(f"{'case':<28} {'data wait':>9}")
+    for name, row in record["cases"].items():
+        print(f"{name:<28} {100 * row['data_wait']:8.1f}%")
+    print(f"e2e / step: {cases['e2e']['ratio']:.2f}x (goal >= 0.9x: the pipeline does not starve the model)")
+    return 0

@@ -1,0 +1,77 @@
+"""`lesionkit bench loader`: images/s of the shard stream vs the seed's per-file PIL Dataset on the same
+images (and the same stream with its tars parsed by wds.WebDataset: why data.py has its own reader)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.harness import measure, report
+from lesionkit.data import read_with_webdataset, train_loader
+from lesionkit.ingest import collect, read_labels
+from lesionkit.pack import read_manifest
+
+
+class _PilFiles:
+    """The seed-style baseline: a map-style Dataset that opens each original JPEG with PIL and resizes it
+    to the training size, per sample (torch's default collate batches the results)."""
+
+    def __init__(self, paths: list[str], labels: list[int], size: int):
+        self.paths, self.labels, self.size = paths, labels, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.paths[i]) as im:
+            image = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1), self.labels[i]
+
+
+def _count_images(loader, epochs: int) -> int:
+    n = 0
+    for _ in range(epochs):
+        for batch in loader:
+            n += len(batch[0])
+    return n
+
+
+def _shard_ids(manifest: dict) -> set[str]:
+    """Ids in the shards, from the manifest's sources minus what pack skipped (no need to read the tars)."""
+    table, _ = read_labels(manifest["sources"]["labels"])
+    return set(table["id"]) - {s["id"] for s in manifest.get("skipped", [])}
+
+
+def bench(args) -> int:
+    manifest = read_manifest(args.dir)
+    images = args.images or manifest["sources"]["images"]
+    labels = args.labels or manifest["sources"]["labels"]
+    size = args.image_size or int(manifest["params"]["size"])
+    table = collect(images, labels, skip_bad=True).table
+    table = table[table["id"].isin(_shard_ids(manifest))]  # the same images as the shards hold
+    if len(table) != manifest["num_samples"]:
+        raise SystemExit(f"lesionkit bench loader: error: {args.dir} holds {manifest['num_samples']} samples "
+                         f"but only {len(table)} of them are in {images} + {labels}")
+
+    def shards(read=None) -> int:
+        loader = train_loader(args.dir, image_size=size, batch_size=args.batch_size, workers=args.workers,
+                              seed=0, epoch=0, rank=0, world_size=1)
+        if read is not None:  # same stream, tars parsed by wds.WebDataset: why data.py has its own reader
+            loader.stream.read = read
+        return _count_images(loader, args.epochs)
+
+    def files() -> int:
+        dataset = _PilFiles(list(table["path"]), list(table["label"]), size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                             num_workers=args.workers, persistent_workers=args.workers > 0)
+        return _count_images(loader, args.epochs)
+
+    cases = {"shards": measure(shards, args.repeats),
+             "shards, wds tar reader": measure(lambda: shards(read_with_webdataset), args.repeats),
+             "files (seed)": measure(files, args.repeats)}
+    params = {"dir": str(args.dir), "images": str(images), "num_samples": len(table), "image_size": size,
+              "stored_size": manifest["params"].get("size"), "batch_size": args.batch_size,
+              "workers": args.workers, "epochs": args.epochs, "repeats": args.repeats,
+              "torch_threads": torch.get_num_threads()}
+    report("loader", cases, "files (seed)", params, args.out)
+    return 0
