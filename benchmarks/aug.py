@@ -10,6 +10,7 @@ import torchvision
 
 from benchmarks.harness import machine, measure, pick_device, report, set_threads, sync
 from lesionkit.augment import PRESETS, build_augment, choose_placement
+from lesionkit.errors import UsageError
 
 
 class _AugmentedBatches:
@@ -43,11 +44,11 @@ def _kornia_derm(size: int):
 def bench(args) -> int:
     device = pick_device(args.device)
     if args.image_size < 32 or args.placement_batches < 1 or args.workers < 1:
-        raise ValueError("--image-size must be >= 32, --placement-batches and --workers >= 1")
+        raise UsageError("--image-size must be >= 32, --placement-batches and --workers >= 1")
     presets = args.presets or list(PRESETS)
     unknown = sorted(set(presets) - set(PRESETS))
     if unknown:
-        raise ValueError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+        raise UsageError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
     threads = torch.get_num_threads()
     set_threads(args.threads)
     try:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from pathlib import Path
+
+from lesionkit.errors import UsageError
 
 # --precision(s) choices; benchmarks.harness.AUTOCAST maps each to its autocast dtype. Not imported from
 # there: harness imports torch, and this module stays torch-free (see `run`).
@@ -105,13 +106,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     for flag in ("repeats", "batch_size", "epochs"):
         if getattr(args, flag, 1) < 1:
-            raise SystemExit(f"lesionkit bench {args.bench}: error: --{flag.replace('_', '-')} must be >= 1")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     # Only the chosen benchmark's module is imported (benchmarks.loader for `bench loader`, ...): together
     # they import torch, kornia, accelerate and scikit-learn, ~10 s that `bench --help` and a bench that
     # needs few of them should not pay (lesionkit.cli imports its subcommands lazily for the same reason).
     module = importlib.import_module(f"benchmarks.{args.bench}")
-    try:
-        return module.bench(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"lesionkit bench {args.bench}: error: {exc}", file=sys.stderr)
-        return 2
+    return module.bench(args)

@@ -3,6 +3,7 @@ alone on one batch already on the device, with the share of time waiting for dat
 CPU DDP processes for per-rank throughput."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -10,7 +11,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +18,6 @@ import torch
 from accelerate.utils import gather_object
 
 from benchmarks.harness import (
-    fail,
     machine,
     measure_interleaved,
     pick_device,
@@ -28,24 +27,21 @@ from benchmarks.harness import (
     sync,
 )
 from lesionkit import train as trainer
-from lesionkit.augment import PRESETS, build_augment, choose_placement
+from lesionkit.augment import PRESETS
 from lesionkit.config import TrainConfig
-from lesionkit.data import dataset_info, train_loader
-from lesionkit.models import create_model, input_stats, list_models, prepare_model
-from lesionkit.optim import build_optimizer
-from lesionkit.pack import read_manifest
+from lesionkit.data import Batch
+from lesionkit.errors import RunError, UsageError
+from lesionkit.manifest import read_manifest
+from lesionkit.models import list_models
 
-# --- one rank's measurement: the trainer's set-up, re-typed here ----------------------------------------
-# `_e2e_rank` repeats what lesionkit.train does before its loop (accelerator, model, optimizer, loader,
-# augmentation) and then runs the trainer's own `train_one_epoch`. It is the one place that knows the
-# trainer's set-up: when train.py offers `build(cfg) -> TrainContext`, this function becomes a call to it.
+# --- one rank's measurement: the trainer's own build() and train_one_epoch() -----------------------------
 
 class _SameBatch:
     """The step baseline's loader for `train_one_epoch`: one batch already on the device, `n` times."""
 
     skipped = 0  # what ShardLoader reports for --skip-corrupt: nothing here
 
-    def __init__(self, batch: tuple, n: int):
+    def __init__(self, batch: Batch, n: int):
         self.batch, self.n = batch, n
 
     def __len__(self) -> int:
@@ -56,57 +52,45 @@ class _SameBatch:
 
 
 def _e2e_rank(args) -> dict:
-    """This process's part of `bench e2e`: the trainer's own `train_one_epoch`, over one fixed normalized batch
-    already on the device (the step baseline) and over the real shard loader + augmentation, in turns."""
+    """This process's part of `bench e2e`: the run `lesionkit.train.build` sets up, its `train_one_epoch` over
+    one fixed normalized batch already on the device (the step baseline) and over the real shard loader +
+    augmentation, in turns."""
     device = pick_device(args.device)
     set_threads(args.threads)
     precision = pick_precision(args.precision, device)
-    channels_last = args.channels_last
     cfg = TrainConfig(train=[str(args.data)], model=args.model, image_size=args.image_size,
                       batch_size=args.batch_size, workers=args.workers, augment=args.preset,
-                      channels_last=channels_last, compile=args.compile, max_steps_per_epoch=args.steps,
-                      mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu",
-                      wandb=False)
-    accelerator = trainer.make_accelerator(cfg)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    classes, _, _ = dataset_info(cfg.train)
-    torch.manual_seed(0)
-    model = prepare_model(create_model(cfg.model, num_classes=len(classes)), cfg.channels_last, cfg.compile)
-    optimizer = build_optimizer(cfg, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    mean, std = input_stats(cfg.model)
-    placement = choose_placement(device.type, cfg.augment) if args.placement == "auto" else args.placement
-    augment = build_augment(cfg.augment, cfg.image_size, mean, std)
-    loader = train_loader(cfg.train, image_size=cfg.image_size, batch_size=cfg.batch_size, workers=cfg.workers,
-                          seed=cfg.seed, epoch=0, rank=rank, world_size=world, shuffle_buffer=cfg.shuffle_buffer,
-                          batch_transform=augment if placement == "workers" else None, max_batches=args.steps)
-    device_augment = None if placement == "workers" else augment.to(device)
+                      augment_placement=args.placement, channels_last=args.channels_last, compile=args.compile,
+                      max_steps_per_epoch=args.steps, mixed_precision={"fp32": "no"}.get(precision, precision),
+                      cpu=device.type == "cpu", wandb=False)
+    ctx = trainer.build(cfg)
+    ctx.reporter.main = False  # the benchmark prints its own table: no progress bars from the trainer
+    accelerator, device, loader = ctx.accelerator, ctx.accelerator.device, ctx.train_loader
+    rank, world = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator().manual_seed(rank)
     raw = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
                         generator=generator)
-    fixed = build_augment("none", cfg.image_size, mean, std).to(device).eval()(raw.to(device))
-    labels = torch.randint(0, len(classes), (cfg.batch_size,), generator=generator).to(device)
-    synthetic = _SameBatch((fixed, labels, [""] * cfg.batch_size), len(loader))
-    stop = types.SimpleNamespace(requested=False)
-    totals: dict[str, list[dict]] = {"step": [], "e2e": []}
+    fixed = ctx.preprocess(raw.to(device))
+    labels = torch.randint(0, len(ctx.classes), (cfg.batch_size,), generator=generator).to(device)
+    cases = {"step": dataclasses.replace(ctx, train_loader=_SameBatch(Batch(fixed, labels, [""] * cfg.batch_size),
+                                                                      len(loader)), augment=None),
+             "e2e": ctx}
+    totals: dict[str, list] = {"step": [], "e2e": []}
 
-    def epoch(name: str, batches, aug) -> Callable[[], int]:
+    def epoch(name: str) -> Callable[[], int]:
         def run() -> int:
-            done = trainer.train_one_epoch(cfg, accelerator, model, optimizer, batches, aug, None, None,
-                                           trainer.LoopState(), stop, None, 0, None)
+            done = trainer.train_one_epoch(cases[name], trainer.LoopState())
             sync(device)
             totals[name].append(done)
-            return done["n"]
+            return done.samples
         return run
 
-    rows, _ = measure_interleaved({"step": epoch("step", synthetic, None),
-                                   "e2e": epoch("e2e", loader, device_augment)}, args.repeats)
+    rows, _ = measure_interleaved({name: epoch(name) for name in cases}, args.repeats)
     for name, row in rows.items():
         timed = totals[name][-args.repeats:]  # the warm-up pass also starts the loader workers
-        row["data_wait"] = round(statistics.median(t["data_s"] / max(t["data_s"] + t["compute_s"], 1e-9)
-                                                   for t in timed), 3)
-    result = {"rank": rank, "world": world, "rows": rows, "placement": placement, "precision": precision,
-              "channels_last": channels_last, "batches_per_pass": len(loader), **machine(device)}
+        row["data_wait"] = round(statistics.median(t.data_wait for t in timed), 3)
+    result = {"rank": rank, "world": world, "rows": rows, "placement": ctx.placement, "precision": precision,
+              "channels_last": cfg.channels_last, "batches_per_pass": len(loader), **machine(device)}
     if world > 1:
         result = gather_object([result])
     accelerator.end_training()
@@ -127,7 +111,7 @@ def _launch_ranks(args, world: int) -> list[dict]:
     config = Path(__file__).resolve().parents[1] / "accelerate_configs" / "cpu_ddp.yaml"
     launcher = Path(sys.executable).with_name("accelerate")
     if not config.is_file() or not launcher.exists():
-        raise FileNotFoundError(f"--world {world} needs {config} and {launcher} (a source checkout with its venv)")
+        raise UsageError(f"--world {world} needs {config} and {launcher} (a source checkout with its venv)")
     with tempfile.TemporaryDirectory(prefix="lk-bench-e2e-") as tmp:
         result = Path(tmp) / "ranks.json"
         cmd = [str(launcher), "launch", "--config_file", str(config), "--num_processes", str(world),
@@ -148,11 +132,11 @@ def _launch_ranks(args, world: int) -> list[dict]:
 
 def bench(args) -> int:
     if args.model not in list_models():
-        raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(list_models())}")
+        raise UsageError(f"unknown model {args.model!r}; valid models: {', '.join(list_models())}")
     if args.preset not in PRESETS:
-        raise ValueError(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+        raise UsageError(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
     if args.world < 1 or args.steps < 1 or args.workers < 0:
-        raise ValueError("--world and --steps must be >= 1, --workers >= 0")
+        raise UsageError("--world and --steps must be >= 1, --workers >= 0")
     manifest = read_manifest(args.data)  # a missing or foreign folder fails here, naming it
     if args.result_file:  # a rank of a --world N run started by `_launch_ranks`
         ranks = _e2e_rank(args)
@@ -160,14 +144,14 @@ def bench(args) -> int:
             Path(args.result_file).write_text(json.dumps(ranks))
         return 0
     if args.world > 1 and pick_device(args.device).type != "cpu":
-        raise ValueError("--world N runs CPU processes (cpu_ddp config); on GPUs use `accelerate launch` yourself")
+        raise UsageError("--world N runs CPU processes (cpu_ddp config); on GPUs use `accelerate launch` yourself")
     one = _e2e_rank(args)
     cases = {"step": one["rows"]["step"], "e2e": one["rows"]["e2e"]}
     if args.world > 1:
         try:
             ranks = _launch_ranks(args, args.world)
         except RuntimeError as exc:
-            return fail("e2e", exc)
+            raise RunError(str(exc)) from None
         for name in ("step", "e2e"):
             per_rank = [r["rows"][name] for r in ranks]
             cases[f"{name}, {args.world} procs, per rank"] = {

@@ -24,6 +24,8 @@ from pathlib import Path
 import psutil  # an accelerate dependency
 import torch
 
+from lesionkit.errors import UsageError
+
 # --precision(s) (benchmarks.cli.PRECISIONS) -> the autocast dtype (None: fp32, no autocast)
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -122,19 +124,13 @@ def emit(record: dict, out: str | None) -> dict:
     return record
 
 
-def fail(bench: str, exc: Exception) -> int:
-    """A benchmark that could not run (a child process failed): say so on stderr, exit status 1."""
-    print(f"lesionkit bench {bench}: error: {exc}", file=sys.stderr)
-    return 1
-
-
 # --- where and how it runs: device, threads, precision, machine -----------------------------------------
 
 def pick_device(name: str | None) -> torch.device:
     """--device: default cuda when available; asking for cuda without one is a usage error."""
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device here (use --device cpu)")
+        raise UsageError("--device cuda: no CUDA device here (use --device cpu)")
     return torch.device(name)
 
 
@@ -142,7 +138,7 @@ def set_threads(threads: int) -> None:
     """--threads: on a CPU shared with other jobs, torch's default (one thread per core) spins in OpenMP
     barriers while its threads wait for a core; 1 thread can be 20x faster there."""
     if threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {threads}")
+        raise UsageError(f"--threads must be >= 0, got {threads}")
     if threads:
         torch.set_num_threads(threads)
 
@@ -150,7 +146,7 @@ def set_threads(threads: int) -> None:
 def pick_precision(choice: str, device: torch.device) -> str:
     """auto: bf16 on a GPU that has it, else fp32 (CPUs without AMX run bf16 slower than fp32)."""
     if choice == "fp16" and device.type == "cpu":
-        raise ValueError("--precision fp16 needs a GPU; on a CPU use fp32 or bf16")
+        raise UsageError("--precision fp16 needs a GPU; on a CPU use fp32 or bf16")
     if choice != "auto":
         return choice
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"

@@ -8,8 +8,9 @@ from PIL import Image
 
 from benchmarks.harness import measure, report
 from lesionkit.data import read_with_webdataset, train_loader
+from lesionkit.errors import UsageError
 from lesionkit.ingest import collect, read_labels
-from lesionkit.pack import read_manifest
+from lesionkit.manifest import read_manifest
 
 
 class _PilFiles:
@@ -50,7 +51,7 @@ def bench(args) -> int:
     table = collect(images, labels, skip_bad=True).table
     table = table[table["id"].isin(_shard_ids(manifest))]  # the same images as the shards hold
     if len(table) != manifest["num_samples"]:
-        raise SystemExit(f"lesionkit bench loader: error: {args.dir} holds {manifest['num_samples']} samples "
+        raise UsageError(f"{args.dir} holds {manifest['num_samples']} samples "
                          f"but only {len(table)} of them are in {images} + {labels}")
 
     def shards(read=None) -> int:

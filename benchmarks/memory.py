@@ -10,8 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import cpu_machine, emit, fail, in_fresh_process, peak_rss_mb
+from benchmarks.harness import cpu_machine, emit, in_fresh_process, peak_rss_mb
 from lesionkit.data import train_loader
+from lesionkit.errors import RunError, UsageError
 from lesionkit.pack import pack
 
 
@@ -25,7 +26,7 @@ def memory_probe(images: str, labels: str, shards: str, size: int, workers: int,
     start = time.perf_counter()
     loader = train_loader(shards, image_size=size, batch_size=batch_size, workers=workers, seed=0, epoch=0,
                           rank=0, world_size=1)
-    seen = sum(len(labels) for _, labels, _ in loader)
+    seen = sum(len(batch.labels) for batch in loader)
     del loader
     gc.collect()  # shuts the persistent workers down, so RUSAGE_CHILDREN counts them
     result.update(streamed=seen, stream_s=time.perf_counter() - start, stream=peak_rss_mb())
@@ -56,10 +57,10 @@ def _tile(images: Path, labels: Path, out: Path, n: int) -> tuple[Path, Path]:
 def bench(args) -> int:
     # Imported here, not at the top: `memory_probe`'s fresh interpreter imports this module, and what the
     # module imports counts in the peak RSS it measures (lesionkit.synth: ~2.5 MB that is not pack + stream).
-    from lesionkit.synth import synthesize
+    from lesionkit.synth.generator import synthesize
 
     if not 1 <= args.small < args.large:
-        raise ValueError(f"need 1 <= --small < --large, got {args.small} and {args.large}")
+        raise UsageError(f"need 1 <= --small < --large, got {args.small} and {args.large}")
     work = Path(tempfile.mkdtemp(prefix="lk-bench-memory-", dir=args.workdir))
     try:
         synthesize(work / "synth", args.small, 0, size=args.size, workers=max(1, args.workers))
@@ -73,7 +74,7 @@ def bench(args) -> int:
                                               str(work / f"n{n}" / "shards"), args.size, args.workers,
                                               args.shard_size, args.batch_size)
             except RuntimeError as exc:
-                return fail("memory", exc)
+                raise RunError(str(exc)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     small, large = results[args.small], results[args.large]

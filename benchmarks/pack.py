@@ -11,7 +11,8 @@ import time
 # those seconds are not timed as packing in `pack_probe`.
 import webdataset  # noqa: F401
 
-from benchmarks.harness import cpu_machine, fail, in_fresh_process, peak_rss_mb, report
+from benchmarks.harness import cpu_machine, in_fresh_process, peak_rss_mb, report
+from lesionkit.errors import RunError, UsageError
 from lesionkit.pack import default_workers, pack
 
 
@@ -29,7 +30,7 @@ def bench(args) -> int:
     workers = default_workers() if args.workers is None else args.workers
     for path in (args.images, args.labels):
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
+            raise UsageError(f"{path} does not exist")
     cases = {}
     with tempfile.TemporaryDirectory(prefix="lk-bench-pack-") as tmp:
         runs: dict[str, list[dict]] = {"draft": [], "full decode": []}
@@ -39,7 +40,7 @@ def bench(args) -> int:
                     done.append(in_fresh_process(pack_probe, str(args.images), str(args.labels),
                                                  f"{tmp}/shards", args.size, workers, 1000, name == "draft"))
                 except RuntimeError as exc:
-                    return fail("pack", exc)
+                    raise RunError(str(exc)) from None
     for name, done in runs.items():
         rates = [d["images"] / d["seconds"] for d in done]
         cases[name] = {"items_per_s": statistics.median(rates), "runs": [round(r, 1) for r in rates],

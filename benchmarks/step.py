@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from benchmarks.harness import AUTOCAST, machine, measure_interleaved, pick_device, report, set_threads, sync
 from lesionkit.config import TrainConfig
+from lesionkit.errors import UsageError
 from lesionkit.models import create_model, list_models, prepare_model
 from lesionkit.optim import build_optimizer
 
@@ -44,15 +45,15 @@ def _step_runner(model_name: str, device, batch: int, size: int, precision: str,
 
 def bench(args) -> int:
     if args.model not in list_models():
-        raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(list_models())}")
+        raise UsageError(f"unknown model {args.model!r}; valid models: {', '.join(list_models())}")
     device = pick_device(args.device)
     set_threads(args.threads)
     cuda = device.type == "cuda"
     precisions = args.precisions or ["fp32", "bf16"] + (["fp16"] if cuda else [])
     if "fp16" in precisions and not cuda:
-        raise ValueError("--precisions fp16 needs a GPU")
+        raise UsageError("--precisions fp16 needs a GPU")
     if "fp32" not in precisions:
-        raise ValueError("--precisions must include fp32, the baseline")
+        raise UsageError("--precisions must include fp32, the baseline")
     variants = [(p, False, False) for p in precisions] + [(p, True, False) for p in precisions]
     if args.compile:
         variants += [("fp32", False, True), ("bf16" if cuda else "fp32", cuda, True)]
