@@ -209,7 +209,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif typ is dict:
             parser.add_argument(flag, type=yaml.safe_load, metavar="YAML", **kw)
         else:
-            parser.add_argument(flag, metavar=f.name.upper(), **kw)
+            parser.add_argument(flag, metavar=None if "choices" in kw else f.name.upper(), **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

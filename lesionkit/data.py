@@ -181,7 +181,7 @@ def _tar_samples(url: str) -> Iterator[dict]:
             kind, padded = header[156:157], (size + 511) // 512 * 512
             block = f.read(padded)
             off += 512 + len(block)
-            if len(block) < size:
+            if len(block) < padded:  # a tar member always fills its 512-byte blocks
                 raise CorruptDataError(f"shard {url} is truncated: member {name.decode(errors='replace')} ends "
                                        f"past byte {off}")
             payload = block[:size]

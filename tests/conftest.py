@@ -51,3 +51,12 @@ def make_shards(folder, n: int, num_shards: int, size: int = 32, classes=CLASSES
                 "sources": {"images": "synthetic", "labels": "synthetic", "metadata": None}, "skipped": []}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def pytest_collection_modifyitems(items):
+    """Slurm and 2-process tests are slow too: `pytest -m "not slow"` leaves them out of the inner loop."""
+    import pytest
+
+    for item in items:
+        if item.get_closest_marker("slurm") or item.get_closest_marker("ddp"):
+            item.add_marker(pytest.mark.slow)

@@ -97,6 +97,7 @@ def test_bench_pack_compares_draft_with_full_decode_and_reports_peak_memory(synt
     assert "peak RSS main" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_memory_of_packing_and_streaming_does_not_grow_with_the_data(tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
     assert main(["bench", "memory", "--small", "200", "--large", "2000", "--size", "32", "--workers", "2",

@@ -5,12 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lesionkit.pack import pack
 from lesionkit.synth.generator import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_tiny_cnn_on_synthetic_data_beats_chance(tmp_path):
     synthesize(tmp_path / "raw", n_train=600, n_val=200, size=48, seed=3, workers=1)
     for split, name in (("train", "Training"), ("val", "Validation")):

@@ -20,10 +20,10 @@ from sklearn import metrics as skm
 from wandb_log import records
 
 from lesionkit import inference
-from lesionkit.cli import run_command
-from lesionkit.data import Batch
 from lesionkit.checkpoint import write_inference_files
+from lesionkit.cli import run_command
 from lesionkit.config import TrainConfig
+from lesionkit.data import Batch
 from lesionkit.models import create_model, input_stats
 from lesionkit.pack import pack
 from lesionkit.synth.generator import synthesize

@@ -38,6 +38,7 @@ def scorer_python() -> Path:
     return python
 
 
+@pytest.mark.slow
 def test_official_scorer_matches_lesionkit_metrics(tmp_path):
     python = scorer_python()
     fx = build_fixture(tmp_path / "fx")

@@ -1,10 +1,9 @@
 """Packing real ISIC images into shards, read back with plain tarfile / webdataset (not lesionkit)."""
 from __future__ import annotations
 
-import re
-
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from PIL import Image
 
 from lesionkit import cli
 from lesionkit.manifest import verify
-from lesionkit.tasks import ISIC2017_CLASSES
 from lesionkit.pack import encode_image, pack
+from lesionkit.tasks import ISIC2017_CLASSES
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 THUMBS = DATA / "isic2017-256"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.wandb_log import logged
 from lesionkit.checkpoint import trainer_state
+from tests.wandb_log import logged
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "lesionkit" / "train.py"
@@ -94,6 +94,7 @@ def test_single_process_run_writes_checkpoints_and_metrics(single):
     assert len(list((single / "checkpoints").iterdir())) <= 2
 
 
+@pytest.mark.ddp
 def test_two_process_ddp_agrees_with_single_process(tmp_path, tiny_shards, single):
     out = tmp_path / "ddp"
     train(out, tiny_shards, "--epochs", "3", procs=2)
@@ -136,6 +137,7 @@ def test_validation_tta_scores_as_evaluate_tta_does(tmp_path, tiny_shards, singl
     assert logged["val_loss"] != pytest.approx(history(single)[0]["val_loss"], abs=1e-9)
 
 
+@pytest.mark.ddp
 def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path, tiny_shards):
     out = tmp_path / "early"
     # lr 0: the score never improves after epoch 1, so patience 1 stops after epoch 2 (of 6)
@@ -145,6 +147,7 @@ def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path, tiny_shards
     assert len(set(json.loads((out / "world.json").read_text())["weights_sha256"])) == 1
 
 
+@pytest.mark.slow
 def test_resume_from_last_reproduces_the_uninterrupted_run(tmp_path, tiny_shards, single):
     out = tmp_path / "resumed"
     train(out, tiny_shards, "--epochs", "2")
@@ -154,6 +157,7 @@ def test_resume_from_last_reproduces_the_uninterrupted_run(tmp_path, tiny_shards
     assert [r["epoch"] for r in history(out)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_mid_epoch_and_resume_matches(tmp_path, tiny_shards, single):
     out = tmp_path / "preempted"
     data = ["--train", str(tiny_shards["train"]), "--val", str(tiny_shards["val"]), "--output-dir", str(out)]
@@ -185,15 +189,6 @@ def test_wandb_offline_run_file_holds_config_and_epoch_metrics(tmp_path, tiny_sh
     assert [r["epoch"] for r in epochs] == [1, 2]
     assert all(0 <= r["val/auc_melanoma"] <= 1 for r in epochs)
     assert not any("WANDB_API_KEY" in str(v) for v in config.values())
-
-
-def test_bad_config_fails_before_training_with_valid_choices(tmp_path, tiny_shards):
-    res = train(tmp_path / "x", tiny_shards, "--model", "resnet9000", check=False)
-    assert res.returncode == 2 and "resnet9000" in res.stderr and "customnet" in res.stderr
-    res = train(tmp_path / "x", tiny_shards, "--optimizer", "lamb", check=False)
-    assert res.returncode == 2 and "sgd" in res.stderr
-    res = train(tmp_path / "x", tiny_shards, "--val", str(tmp_path / "nowhere"), check=False)
-    assert res.returncode == 2 and "nowhere" in res.stderr
 
 
 @pytest.fixture(scope="module")

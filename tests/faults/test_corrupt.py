@@ -8,12 +8,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
 
+from lesionkit.checkpoint import trainer_state
 from tests.conftest import make_shards
 from tests.faults.conftest import train_cmd
 from tests.wandb_log import logged
-from lesionkit.checkpoint import trainer_state
 
 BAD_KEYS = ("ISIC_0000005", "ISIC_0000047")  # not JPEG bytes: in shard-000000 and shard-000002
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lesionkit.checkpoint import trainer_state
 from tests.faults.conftest import REPO, base_env, data_args, launch_ddp
 from tests.test_train import TINY, free_port
-from lesionkit.checkpoint import trainer_state
 
 pytestmark = pytest.mark.ddp
 

@@ -7,11 +7,12 @@ import random
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from lesionkit.checkpoint import trainer_state
 from tests.faults.conftest import train_cmd
 from tests.test_train import assert_same_weights, final_weights
-from lesionkit.checkpoint import trainer_state
 
 EPOCHS = ["--epochs", "4", "--max-steps-per-epoch", "4"]
 CHECKPOINT_FILES = {"model.pt", "custom_checkpoint_0.pkl", "info.json", "config.yaml", "model.safetensors", "optimizer.bin",
@@ -49,6 +50,7 @@ def wait_for(cond, timeout: float, child) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_kill9_ten_times_resumes_to_the_uninterrupted_weights(zygote, shards, tmp_path):
     rc, out = zygote.run(train_cmd(shards, tmp_path / "ref", *EPOCHS), tmp_path / "ref.log")
     assert rc == 0, out[-3000:]

@@ -8,9 +8,9 @@ import tarfile
 
 import torch
 
+from lesionkit.checkpoint import trainer_state
 from tests.conftest import make_shards
 from tests.faults.conftest import train_cmd
-from lesionkit.checkpoint import trainer_state
 
 BATCHES = ["--batch-size", "16", "--shuffle-buffer", "1", "--epochs", "2"]
 
