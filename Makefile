@@ -3,7 +3,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv slurm demo test lint clean
+.PHONY: venv slurm demo test test-fast lint format clean
 
 # Rebuilt only when setup.cfg/pyproject.toml change (the stamp is newer otherwise).
 $(STAMP): setup.cfg pyproject.toml
@@ -27,6 +27,15 @@ test: venv slurm
 
 lint: venv
 	$(BIN)/ruff check lesionkit benchmarks tests
+	$(BIN)/ruff format --check lesionkit benchmarks tests
+
+format: venv
+	$(BIN)/ruff format lesionkit benchmarks tests
+	$(BIN)/ruff check --fix lesionkit benchmarks tests
+
+# The inner loop: everything but the long tests (demo, kill -9, Slurm, DDP, memory, official scorer).
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs wandb shards/demo

@@ -1,5 +1,6 @@
 """`lesionkit bench aug`: ms/batch of each augmentation preset beside a resnet18 training step, and where to
 run it: on the device in the main process vs in loader workers."""
+
 from __future__ import annotations
 
 import itertools
@@ -32,13 +33,18 @@ def _kornia_derm(size: int):
     (each geometric op resamples; elastic blurs a full-size noise field with a 63 px kernel)."""
     kernel = min(63, size // 2 * 2 - 1)
     return K.AugmentationSequential(
-        K.RandomResizedCrop((size, size), scale=(0.6, 1.0), p=0.7), K.RandomHorizontalFlip(),
-        K.RandomVerticalFlip(), K.RandomRotation(180.0, p=0.75),
+        K.RandomResizedCrop((size, size), scale=(0.6, 1.0), p=0.7),
+        K.RandomHorizontalFlip(),
+        K.RandomVerticalFlip(),
+        K.RandomRotation(180.0, p=0.75),
         K.RandomAffine(0.0, translate=(0.1, 0.1), scale=(0.9, 1.1), p=0.5),
         K.RandomElasticTransform(kernel_size=(kernel, kernel), p=0.25),
-        K.ColorJitter(0.2, 0.2, 0.2, 0.05, p=0.8), K.RandomEqualize(p=0.1), K.RandomGrayscale(p=0.05),
+        K.ColorJitter(0.2, 0.2, 0.2, 0.05, p=0.8),
+        K.RandomEqualize(p=0.1),
+        K.RandomGrayscale(p=0.05),
         K.RandomGaussianNoise(std=0.03, p=0.2),
-        K.Normalize(torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))))
+        K.Normalize(torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))),
+    )
 
 
 def bench(args) -> int:
@@ -85,6 +91,7 @@ def _bench(args, device, presets) -> int:
             fn()
             sync(device)
             return 1
+
         return run
 
     on_device = batch.to(device)
@@ -95,18 +102,27 @@ def _bench(args, device, presets) -> int:
         cases[preset] = measure(timed(lambda aug=aug: aug(on_device)), args.repeats)
     if "derm" in presets:
         kornia_derm = _kornia_derm(size).to(device)
-        cases["derm, stock kornia"] = measure(timed(lambda: kornia_derm(on_device.float() / 255)), args.repeats)
+        cases["derm, stock kornia"] = measure(
+            timed(lambda: kornia_derm(on_device.float() / 255)), args.repeats
+        )
     cases["resnet18 step"] = measure(timed(lambda: step(normalized)), args.repeats)
     step_ms = 1000 / cases["resnet18 step"]["items_per_s"]
     for row in cases.values():
         row["ms_per_batch"] = round(1000 / row["items_per_s"], 2)
         row["share_of_step"] = round(row["ms_per_batch"] / step_ms, 3)
-    params = {**machine(device), "batch_size": bs, "image_size": size, "repeats": args.repeats,
-              "step": "resnet18 fwd+bwd+SGD" + (", bf16 autocast, channels_last" if cuda else ", fp32")}
+    params = {
+        **machine(device),
+        "batch_size": bs,
+        "image_size": size,
+        "repeats": args.repeats,
+        "step": "resnet18 fwd+bwd+SGD" + (", bf16 autocast, channels_last" if cuda else ", fp32"),
+    }
     report("aug", cases, "resnet18 step", params, args.out, unit="batches/s")
     for name, row in cases.items():  # CPU ms: the steadier number on a shared machine
-        print(f"{name:<18} {row['ms_per_batch']:9.1f} ms/batch  {100 * row['share_of_step']:6.1f} % of a step"
-              f"  (CPU {row['cpu_ms_per_item']:.0f} ms)")
+        print(
+            f"{name:<18} {row['ms_per_batch']:9.1f} ms/batch  {100 * row['share_of_step']:6.1f} % of a step"
+            f"  (CPU {row['cpu_ms_per_item']:.0f} ms)"
+        )
 
     # Placement: k training steps per run, augmenting in the main process vs in loader workers.
     preset, k = args.placement_preset, args.placement_batches
@@ -122,8 +138,13 @@ def _bench(args, device, presets) -> int:
     def workers() -> int:
         # A loader per run, so its workers exit and their CPU time is counted; the time includes filling
         # the pipeline (the first batch is not overlapped), as at the start of every epoch.
-        loader = torch.utils.data.DataLoader(_AugmentedBatches(batch, aug), batch_size=None,
-                                             num_workers=args.workers, prefetch_factor=2, pin_memory=cuda)
+        loader = torch.utils.data.DataLoader(
+            _AugmentedBatches(batch, aug),
+            batch_size=None,
+            num_workers=args.workers,
+            prefetch_factor=2,
+            pin_memory=cuda,
+        )
         for images in itertools.islice(loader, k):
             step(images)
         sync(device)
@@ -135,16 +156,34 @@ def _bench(args, device, presets) -> int:
         sync(device)
         return k
 
-    placements = {"step only": measure(step_only, args.repeats), "device": measure(serial, args.repeats),
-                  "workers": measure(workers, args.repeats)}
+    placements = {
+        "step only": measure(step_only, args.repeats),
+        "device": measure(serial, args.repeats),
+        "workers": measure(workers, args.repeats),
+    }
     for row in placements.values():
         row["ms_per_batch"] = round(1000 / row["items_per_s"], 2)
     faster = min(("device", "workers"), key=lambda name: placements[name]["ms_per_batch"])
     chosen = choose_placement(device.type, preset)
-    report("aug-placement", placements, "step only", {**params, "preset": preset, "batches_per_run": k,
-           "workers": args.workers, "faster": faster, "choose_placement": chosen}, args.out, unit="batches/s")
+    report(
+        "aug-placement",
+        placements,
+        "step only",
+        {
+            **params,
+            "preset": preset,
+            "batches_per_run": k,
+            "workers": args.workers,
+            "faster": faster,
+            "choose_placement": chosen,
+        },
+        args.out,
+        unit="batches/s",
+    )
     for name, row in placements.items():
-        print(f"{name:<10} {row['ms_per_batch']:9.1f} ms per training batch ({preset}; "
-              f"CPU {row['cpu_ms_per_item']:.0f} ms, all processes)")
+        print(
+            f"{name:<10} {row['ms_per_batch']:9.1f} ms per training batch ({preset}; "
+            f"CPU {row['cpu_ms_per_item']:.0f} ms, all processes)"
+        )
     print(f"faster here: {faster}; choose_placement({device.type!r}, {preset!r}) = {chosen!r}")
     return 0

@@ -1,5 +1,6 @@
 """`lesionkit bench BENCH ...`: the benchmarks' command line. `lesionkit.cli` hands `bench` to
 `add_arguments(parser)` and `run(args) -> int` here, as it does for its own subcommands."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,72 +21,127 @@ def _add_common(parser) -> None:
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    p = sub.add_parser("loader", help="images/s of the shard stream vs a per-file PIL Dataset on the same images")
+    p = sub.add_parser(
+        "loader", help="images/s of the shard stream vs a per-file PIL Dataset on the same images"
+    )
     p.add_argument("dir", type=Path, help="shard folder written by `lesionkit pack`")
     p.add_argument("--images", help="folder of the original images (default: the manifest's source)")
     p.add_argument("--labels", help="labels CSV of the original images (default: the manifest's source)")
     p.add_argument("--workers", type=int, default=2, help="loader workers, the same for both cases")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=0,
-                   help="training size (default: the size the shards were packed at, so no resize)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="training size (default: the size the shards were packed at, so no resize)",
+    )
     p.add_argument("--epochs", type=int, default=1, help="passes per timed run (more for tiny folders)")
     _add_common(p)
 
-    p = sub.add_parser("aug", help="ms/batch of each augmentation preset beside a resnet18 training step; "
-                                   "augmenting on the device vs in loader workers")
+    p = sub.add_parser(
+        "aug",
+        help="ms/batch of each augmentation preset beside a resnet18 training step; "
+        "augmenting on the device vs in loader workers",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--presets", nargs="+", metavar="PRESET", help="default: all")
     p.add_argument("--placement-preset", default="derm", help="preset for the device-vs-workers comparison")
-    p.add_argument("--placement-batches", type=int, default=3, help="training batches per timed placement run")
+    p.add_argument(
+        "--placement-batches", type=int, default=3, help="training batches per timed placement run"
+    )
     p.add_argument("--workers", type=int, default=2, help="loader workers for the workers placement")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads of the main process (default: torch's); 1 on a busy shared CPU")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads of the main process (default: torch's); 1 on a busy shared CPU",
+    )
     _add_common(p)
     p.set_defaults(repeats=5)
 
-    p = sub.add_parser("step", help="training images/s of a model alone on synthetic device tensors: fp32 vs "
-                                    "bf16/fp16 autocast, channels_last, torch.compile")
+    p = sub.add_parser(
+        "step",
+        help="training images/s of a model alone on synthetic device tensors: fp32 vs "
+        "bf16/fp16 autocast, channels_last, torch.compile",
+    )
     p.add_argument("model", help="model name (lesionkit.models.list_models())")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=10, help="training steps per timed run")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time torch.compile (optional rows; its warm-up compiles, minutes on a CPU)")
-    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, metavar="P",
-                   help="fp32 (the baseline) and any of bf16 fp16 (default: all the device has; bf16 runs "
-                        "~7x slower than fp32 on CPUs without AMX)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (default: torch's); 1 on a busy shared CPU")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time torch.compile (optional rows; its warm-up compiles, minutes on a CPU)",
+    )
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=PRECISIONS,
+        metavar="P",
+        help="fp32 (the baseline) and any of bf16 fp16 (default: all the device has; bf16 runs "
+        "~7x slower than fp32 on CPUs without AMX)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default: torch's); 1 on a busy shared CPU"
+    )
     _add_common(p)
 
-    p = sub.add_parser("e2e", help="the real loop (shards -> loader -> device -> augment -> step) vs the step "
-                                   "alone, with the share of time waiting for data; --world N for CPU DDP")
+    p = sub.add_parser(
+        "e2e",
+        help="the real loop (shards -> loader -> device -> augment -> step) vs the step "
+        "alone, with the share of time waiting for data; --world N for CPU DDP",
+    )
     p.add_argument("model", help="model name (lesionkit.models.list_models())")
     p.add_argument("--data", type=Path, required=True, help="shard folder written by `lesionkit pack`")
-    p.add_argument("--steps", type=int, default=20, help="training steps per timed pass (an epoch capped at N)")
+    p.add_argument(
+        "--steps", type=int, default=20, help="training steps per timed pass (an epoch capped at N)"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=2, help="loader workers per process")
     p.add_argument("--preset", default="derm", help="augmentation preset")
-    p.add_argument("--placement", choices=("auto", "device", "workers"), default="auto",
-                   help="where augmentation runs (auto: lesionkit.augment.choose_placement)")
-    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                   help="auto: bf16 on GPUs that have it, fp32 on CPUs")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last model and batches (default on: 1.4-1.6x on CPUs too, see `bench step`)")
+    p.add_argument(
+        "--placement",
+        choices=("auto", "device", "workers"),
+        default="auto",
+        help="where augmentation runs (auto: lesionkit.augment.choose_placement)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", *PRECISIONS),
+        default="auto",
+        help="auto: bf16 on GPUs that have it, fp32 on CPUs",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels_last model and batches (default on: 1.4-1.6x on CPUs too, see `bench step`)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--world", type=int, default=1,
-                   help="N > 1: also run N CPU processes (accelerate_configs/cpu_ddp.yaml) for per-rank throughput")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per process (default: torch's; accelerate gives ranks 1); 1 on a busy CPU")
+    p.add_argument(
+        "--world",
+        type=int,
+        default=1,
+        help="N > 1: also run N CPU processes (accelerate_configs/cpu_ddp.yaml) for per-rank throughput",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per process (default: torch's; accelerate gives ranks 1); 1 on a busy CPU",
+    )
     p.add_argument("--result-file", help=argparse.SUPPRESS)  # set for the ranks of a --world N run
     _add_common(p)
 
-    p = sub.add_parser("pack", help="packing images/s and peak memory: draft decoding vs full decode + resize")
+    p = sub.add_parser(
+        "pack", help="packing images/s and peak memory: draft decoding vs full decode + resize"
+    )
     p.add_argument("images", type=Path, help="folder of images")
     p.add_argument("--labels", type=Path, required=True, help="labels CSV")
     p.add_argument("--size", type=int, default=256, help="stored shorter side, as `lesionkit pack --size`")

@@ -1,6 +1,7 @@
 """`lesionkit bench e2e`: the real training loop (shards -> loader -> device -> augment -> step) vs the step
 alone on one batch already on the device, with the share of time waiting for data; --world N also runs N
 CPU DDP processes for per-rank throughput."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,7 @@ from lesionkit.models import list_models
 
 # --- one rank's measurement: the trainer's own build() and train_one_epoch() -----------------------------
 
+
 class _SameBatch:
     """The step baseline's loader for `train_one_epoch`: one batch already on the device, `n` times."""
 
@@ -58,23 +60,39 @@ def _e2e_rank(args) -> dict:
     device = pick_device(args.device)
     set_threads(args.threads)
     precision = pick_precision(args.precision, device)
-    cfg = TrainConfig(train=[str(args.data)], model=args.model, image_size=args.image_size,
-                      batch_size=args.batch_size, workers=args.workers, augment=args.preset,
-                      augment_placement=args.placement, channels_last=args.channels_last, compile=args.compile,
-                      max_steps_per_epoch=args.steps, mixed_precision={"fp32": "no"}.get(precision, precision),
-                      cpu=device.type == "cpu", wandb=False)
+    cfg = TrainConfig(
+        train=[str(args.data)],
+        model=args.model,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        augment=args.preset,
+        augment_placement=args.placement,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        max_steps_per_epoch=args.steps,
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        cpu=device.type == "cpu",
+        wandb=False,
+    )
     ctx = trainer.build(cfg)
     ctx.reporter.main = False  # the benchmark prints its own table: no progress bars from the trainer
     accelerator, device, loader = ctx.accelerator, ctx.accelerator.device, ctx.train_loader
     rank, world = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator().manual_seed(rank)
-    raw = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
-                        generator=generator)
+    raw = torch.randint(
+        0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=generator
+    )
     fixed = ctx.preprocess(raw.to(device))
     labels = torch.randint(0, len(ctx.classes), (cfg.batch_size,), generator=generator).to(device)
-    cases = {"step": dataclasses.replace(ctx, train_loader=_SameBatch(Batch(fixed, labels, [""] * cfg.batch_size),
-                                                                      len(loader)), augment=None),
-             "e2e": ctx}
+    cases = {
+        "step": dataclasses.replace(
+            ctx,
+            train_loader=_SameBatch(Batch(fixed, labels, [""] * cfg.batch_size), len(loader)),
+            augment=None,
+        ),
+        "e2e": ctx,
+    }
     totals: dict[str, list] = {"step": [], "e2e": []}
 
     def epoch(name: str) -> Callable[[], int]:
@@ -83,14 +101,23 @@ def _e2e_rank(args) -> dict:
             sync(device)
             totals[name].append(done)
             return done.samples
+
         return run
 
     rows, _ = measure_interleaved({name: epoch(name) for name in cases}, args.repeats)
     for name, row in rows.items():
-        timed = totals[name][-args.repeats:]  # the warm-up pass also starts the loader workers
+        timed = totals[name][-args.repeats :]  # the warm-up pass also starts the loader workers
         row["data_wait"] = round(statistics.median(t.data_wait for t in timed), 3)
-    result = {"rank": rank, "world": world, "rows": rows, "placement": ctx.placement, "precision": precision,
-              "channels_last": cfg.channels_last, "batches_per_pass": len(loader), **machine(device)}
+    result = {
+        "rank": rank,
+        "world": world,
+        "rows": rows,
+        "placement": ctx.placement,
+        "precision": precision,
+        "channels_last": cfg.channels_last,
+        "batches_per_pass": len(loader),
+        **machine(device),
+    }
     if world > 1:
         result = gather_object([result])
     accelerator.end_training()
@@ -98,6 +125,7 @@ def _e2e_rank(args) -> dict:
 
 
 # --- --world N: the same measurement in N CPU DDP processes ---------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -114,19 +142,56 @@ def _launch_ranks(args, world: int) -> list[dict]:
         raise UsageError(f"--world {world} needs {config} and {launcher} (a source checkout with its venv)")
     with tempfile.TemporaryDirectory(prefix="lk-bench-e2e-") as tmp:
         result = Path(tmp) / "ranks.json"
-        cmd = [str(launcher), "launch", "--config_file", str(config), "--num_processes", str(world),
-               "--main_process_port", str(_free_port()), "-m", "lesionkit.cli", "bench", "e2e", args.model,
-               "--data", str(args.data), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--image-size", str(args.image_size), "--workers", str(args.workers), "--preset", args.preset,
-               "--placement", args.placement, "--precision", args.precision, "--device", "cpu",
-               "--repeats", str(args.repeats), "--threads", str(args.threads), "--world", str(world),
-               "--result-file", str(result),
-               "--channels-last" if args.channels_last else "--no-channels-last"] + (["--compile"] * args.compile)
-        done = subprocess.run(cmd, env=dict(os.environ, ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
-                              check=False)
+        cmd = [
+            str(launcher),
+            "launch",
+            "--config_file",
+            str(config),
+            "--num_processes",
+            str(world),
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "lesionkit.cli",
+            "bench",
+            "e2e",
+            args.model,
+            "--data",
+            str(args.data),
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--image-size",
+            str(args.image_size),
+            "--workers",
+            str(args.workers),
+            "--preset",
+            args.preset,
+            "--placement",
+            args.placement,
+            "--precision",
+            args.precision,
+            "--device",
+            "cpu",
+            "--repeats",
+            str(args.repeats),
+            "--threads",
+            str(args.threads),
+            "--world",
+            str(world),
+            "--result-file",
+            str(result),
+            "--channels-last" if args.channels_last else "--no-channels-last",
+        ] + (["--compile"] * args.compile)
+        done = subprocess.run(
+            cmd, env=dict(os.environ, ACCELERATE_USE_CPU="1"), capture_output=True, text=True, check=False
+        )
         if done.returncode != 0 or not result.is_file():
-            raise RuntimeError(f"the {world}-process run failed (exit {done.returncode}):\n"
-                               f"{(done.stdout + done.stderr)[-3000:]}")
+            raise RuntimeError(
+                f"the {world}-process run failed (exit {done.returncode}):\n"
+                f"{(done.stdout + done.stderr)[-3000:]}"
+            )
         return json.loads(result.read_text())
 
 
@@ -144,7 +209,9 @@ def bench(args) -> int:
             Path(args.result_file).write_text(json.dumps(ranks))
         return 0
     if args.world > 1 and pick_device(args.device).type != "cpu":
-        raise UsageError("--world N runs CPU processes (cpu_ddp config); on GPUs use `accelerate launch` yourself")
+        raise UsageError(
+            "--world N runs CPU processes (cpu_ddp config); on GPUs use `accelerate launch` yourself"
+        )
     one = _e2e_rank(args)
     cases = {"step": one["rows"]["step"], "e2e": one["rows"]["e2e"]}
     if args.world > 1:
@@ -156,18 +223,35 @@ def bench(args) -> int:
             per_rank = [r["rows"][name] for r in ranks]
             cases[f"{name}, {args.world} procs, per rank"] = {
                 "items_per_s": statistics.mean(r["items_per_s"] for r in per_rank),
-                "runs": [r["runs"] for r in per_rank], "items": per_rank[0]["items"],
+                "runs": [r["runs"] for r in per_rank],
+                "items": per_rank[0]["items"],
                 "cpu_ms_per_item": statistics.mean(r["cpu_ms_per_item"] for r in per_rank),
-                "data_wait": max(r["data_wait"] for r in per_rank)}
+                "data_wait": max(r["data_wait"] for r in per_rank),
+            }
         total = cases[f"e2e, {args.world} procs, per rank"]
-        cases[f"e2e, {args.world} procs, all ranks"] = {**total, "items_per_s": total["items_per_s"] * args.world}
-    params = {"model": args.model, "data": str(args.data), "num_samples": manifest["num_samples"],
-              "stored_size": manifest.get("params", {}).get("size"), "steps": args.steps,
-              "batches_per_pass": one["batches_per_pass"], "batch_size": args.batch_size,
-              "image_size": args.image_size, "workers": args.workers, "preset": args.preset,
-              "placement": one["placement"], "precision": one["precision"], "channels_last": one["channels_last"],
-              "compile": args.compile, "world": args.world, "repeats": args.repeats,
-              **{k: one[k] for k in ("device", "device_name", "torch", "cpus", "torch_threads", "loadavg_1m")}}
+        cases[f"e2e, {args.world} procs, all ranks"] = {
+            **total,
+            "items_per_s": total["items_per_s"] * args.world,
+        }
+    params = {
+        "model": args.model,
+        "data": str(args.data),
+        "num_samples": manifest["num_samples"],
+        "stored_size": manifest.get("params", {}).get("size"),
+        "steps": args.steps,
+        "batches_per_pass": one["batches_per_pass"],
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "workers": args.workers,
+        "preset": args.preset,
+        "placement": one["placement"],
+        "precision": one["precision"],
+        "channels_last": one["channels_last"],
+        "compile": args.compile,
+        "world": args.world,
+        "repeats": args.repeats,
+        **{k: one[k] for k in ("device", "device_name", "torch", "cpus", "torch_threads", "loadavg_1m")},
+    }
     record = report("e2e", cases, "step", params, args.out)
     print(f"{'case':<28} {'data wait':>9}")
     for name, row in record["cases"].items():

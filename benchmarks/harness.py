@@ -7,6 +7,7 @@ to the exact command. The rest says where a number was measured (`machine()`) an
 threads and precision the same way for every benchmark; `in_fresh_process()` + `peak_rss_mb()` measure
 memory in an interpreter of its own.
 """
+
 from __future__ import annotations
 
 import gc
@@ -32,6 +33,7 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # --- timing -------------------------------------------------------------------------------------------
 
+
 def cpu_seconds() -> float:
     """CPU time of this process plus its finished children (loader workers, once shut down)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -52,8 +54,12 @@ def cpu_seconds_with_workers() -> float:
 
 def _row(rates: list[float], cpu_ms: list[float], items: int) -> dict:
     """One case's result: median items/s, every run's rate, items per run, median CPU ms per item."""
-    return {"items_per_s": statistics.median(rates), "runs": [round(r, 1) for r in rates], "items": items,
-            "cpu_ms_per_item": round(statistics.median(cpu_ms), 3)}
+    return {
+        "items_per_s": statistics.median(rates),
+        "runs": [round(r, 1) for r in rates],
+        "items": items,
+        "cpu_ms_per_item": round(statistics.median(cpu_ms), 3),
+    }
 
 
 def measure(run: Callable[[], int], repeats: int, warmup: int = 1) -> dict:
@@ -71,8 +77,9 @@ def measure(run: Callable[[], int], repeats: int, warmup: int = 1) -> dict:
     return _row(rates, cpu, items)
 
 
-def measure_interleaved(cases: dict[str, Callable[[], int]], repeats: int, warmup: int = 1,
-                        optional: set[str] = frozenset()) -> tuple[dict[str, dict], dict[str, str]]:
+def measure_interleaved(
+    cases: dict[str, Callable[[], int]], repeats: int, warmup: int = 1, optional: set[str] = frozenset()
+) -> tuple[dict[str, dict], dict[str, str]]:
     """`measure` for several cases taking turns within each repeat, so load that drifts during the run (a
     shared machine) hits every case alike and the ratios stay fair. A case in `optional` that fails its
     warm-up (e.g. torch.compile without a working compiler) is dropped: returned in the second dict."""
@@ -100,16 +107,20 @@ def measure_interleaved(cases: dict[str, Callable[[], int]], repeats: int, warmu
 
 # --- reporting ----------------------------------------------------------------------------------------
 
-def report(bench: str, cases: dict[str, dict], baseline: str, params: dict, out: str | None,
-           unit: str = "images/s") -> dict:
+
+def report(
+    bench: str, cases: dict[str, dict], baseline: str, params: dict, out: str | None, unit: str = "images/s"
+) -> dict:
     """Print `case  unit  ratio-to-baseline` and a JSON line; append the line to `out` when given."""
     base = cases[baseline]["items_per_s"]
     width = max(len(name) for name in cases)
     print(f"{'case':<{width}}  {unit:>12}  {'vs ' + baseline:>12}  {'CPU ms/item':>11}  runs")
     for name, row in cases.items():
         row["ratio"] = round(row["items_per_s"] / base, 3)
-        print(f"{name:<{width}}  {row['items_per_s']:12.1f}  {row['ratio']:11.2f}x  "
-              f"{row.get('cpu_ms_per_item', float('nan')):11.2f}  {row['runs']}")
+        print(
+            f"{name:<{width}}  {row['items_per_s']:12.1f}  {row['ratio']:11.2f}x  "
+            f"{row.get('cpu_ms_per_item', float('nan')):11.2f}  {row['runs']}"
+        )
     return emit({"bench": bench, "unit": unit, "baseline": baseline, "cases": cases, "params": params}, out)
 
 
@@ -125,6 +136,7 @@ def emit(record: dict, out: str | None) -> dict:
 
 
 # --- where and how it runs: device, threads, precision, machine -----------------------------------------
+
 
 def pick_device(name: str | None) -> torch.device:
     """--device: default cuda when available; asking for cuda without one is a usage error."""
@@ -163,11 +175,24 @@ def machine(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     if not name:
         cpuinfo = Path("/proc/cpuinfo")
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")] if cpuinfo.is_file() else []
+        models = (
+            [
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ]
+            if cpuinfo.is_file()
+            else []
+        )
         name = models[0] if models else (platform.processor() or platform.machine())
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "device": str(device),
+        "device_name": name,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def cpu_machine() -> dict:
@@ -179,21 +204,27 @@ def cpu_machine() -> dict:
 
 # --- memory: peak RSS of a run in an interpreter of its own ---------------------------------------------
 
+
 def peak_rss_mb() -> dict:
-    """Peak resident memory so far of this process and of its largest finished child (pool, loader workers)."""
+    """Peak resident memory so far of this process and of its largest finished child (pool, workers)."""
     kib = 1024  # ru_maxrss is in KiB on Linux
-    return {"rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib, 1),
-            "children_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib, 1)}
+    return {
+        "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib, 1),
+        "children_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib, 1),
+    }
 
 
 def in_fresh_process(fn: Callable, *args):
     """fn(*args) (JSON in, JSON out) in a new interpreter, so its peak memory is its own and not this
     process's history. A plain `python -c`, as users run `lesionkit`: a multiprocessing spawn child would
     make the pack pool and loader workers spawn too, each re-importing torch."""
-    code = (f"import json, sys; from {fn.__module__} import {fn.__name__} as fn; "
-            "print(json.dumps(fn(*json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                          check=False)
+    code = (
+        f"import json, sys; from {fn.__module__} import {fn.__name__} as fn; "
+        "print(json.dumps(fn(*json.loads(sys.argv[1]))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{fn.__name__}{args} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.splitlines()[-1])

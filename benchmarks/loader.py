@@ -1,5 +1,6 @@
 """`lesionkit bench loader`: images/s of the shard stream vs the seed's per-file PIL Dataset on the same
 images (and the same stream with its tars parsed by wds.WebDataset: why data.py has its own reader)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,28 +52,53 @@ def bench(args) -> int:
     table = collect(images, labels, skip_bad=True).table
     table = table[table["id"].isin(_shard_ids(manifest))]  # the same images as the shards hold
     if len(table) != manifest["num_samples"]:
-        raise UsageError(f"{args.dir} holds {manifest['num_samples']} samples "
-                         f"but only {len(table)} of them are in {images} + {labels}")
+        raise UsageError(
+            f"{args.dir} holds {manifest['num_samples']} samples "
+            f"but only {len(table)} of them are in {images} + {labels}"
+        )
 
     def shards(read=None) -> int:
-        loader = train_loader(args.dir, image_size=size, batch_size=args.batch_size, workers=args.workers,
-                              seed=0, epoch=0, rank=0, world_size=1)
+        loader = train_loader(
+            args.dir,
+            image_size=size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            seed=0,
+            epoch=0,
+            rank=0,
+            world_size=1,
+        )
         if read is not None:  # same stream, tars parsed by wds.WebDataset: why data.py has its own reader
             loader.stream.read = read
         return _count_images(loader, args.epochs)
 
     def files() -> int:
         dataset = _PilFiles(list(table["path"]), list(table["label"]), size)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
-                                             num_workers=args.workers, persistent_workers=args.workers > 0)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            persistent_workers=args.workers > 0,
+        )
         return _count_images(loader, args.epochs)
 
-    cases = {"shards": measure(shards, args.repeats),
-             "shards, wds tar reader": measure(lambda: shards(read_with_webdataset), args.repeats),
-             "files (seed)": measure(files, args.repeats)}
-    params = {"dir": str(args.dir), "images": str(images), "num_samples": len(table), "image_size": size,
-              "stored_size": manifest["params"].get("size"), "batch_size": args.batch_size,
-              "workers": args.workers, "epochs": args.epochs, "repeats": args.repeats,
-              "torch_threads": torch.get_num_threads()}
+    cases = {
+        "shards": measure(shards, args.repeats),
+        "shards, wds tar reader": measure(lambda: shards(read_with_webdataset), args.repeats),
+        "files (seed)": measure(files, args.repeats),
+    }
+    params = {
+        "dir": str(args.dir),
+        "images": str(images),
+        "num_samples": len(table),
+        "image_size": size,
+        "stored_size": manifest["params"].get("size"),
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+    }
     report("loader", cases, "files (seed)", params, args.out)
     return 0

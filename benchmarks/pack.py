@@ -1,5 +1,6 @@
 """`lesionkit bench pack`: packing images/s and peak memory, draft decoding vs full decode + resize; each
 pack runs in a fresh interpreter (`pack_probe`), so its peak memory is its own."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,11 +17,14 @@ from lesionkit.errors import RunError, UsageError
 from lesionkit.pack import default_workers, pack
 
 
-def pack_probe(images: str, labels: str, out: str, size: int, workers: int, shard_size: int, draft: bool) -> dict:
+def pack_probe(
+    images: str, labels: str, out: str, size: int, workers: int, shard_size: int, draft: bool
+) -> dict:
     """One `pack` into `out` (removed after) in this process: seconds, images and peak memory."""
     start = time.perf_counter()
-    manifest = pack(images, labels, out, size=size, workers=workers, shard_size=shard_size, draft=draft,
-                    force=True)
+    manifest = pack(
+        images, labels, out, size=size, workers=workers, shard_size=shard_size, draft=draft, force=True
+    )
     seconds = time.perf_counter() - start
     shutil.rmtree(out)
     return {"seconds": seconds, "images": manifest["num_samples"], **peak_rss_mb()}
@@ -37,17 +41,37 @@ def bench(args) -> int:
         for _ in range(args.repeats):  # cases in turns, each pack in a fresh process (own peak memory)
             for name, done in runs.items():
                 try:
-                    done.append(in_fresh_process(pack_probe, str(args.images), str(args.labels),
-                                                 f"{tmp}/shards", args.size, workers, 1000, name == "draft"))
+                    done.append(
+                        in_fresh_process(
+                            pack_probe,
+                            str(args.images),
+                            str(args.labels),
+                            f"{tmp}/shards",
+                            args.size,
+                            workers,
+                            1000,
+                            name == "draft",
+                        )
+                    )
                 except RuntimeError as exc:
                     raise RunError(str(exc)) from None
     for name, done in runs.items():
         rates = [d["images"] / d["seconds"] for d in done]
-        cases[name] = {"items_per_s": statistics.median(rates), "runs": [round(r, 1) for r in rates],
-                       "items": done[0]["images"], "rss_mb": max(d["rss_mb"] for d in done),
-                       "children_rss_mb": max(d["children_rss_mb"] for d in done)}
-    params = {"images": str(args.images), "labels": str(args.labels), "size": args.size, "workers": workers,
-              "repeats": args.repeats, **cpu_machine()}
+        cases[name] = {
+            "items_per_s": statistics.median(rates),
+            "runs": [round(r, 1) for r in rates],
+            "items": done[0]["images"],
+            "rss_mb": max(d["rss_mb"] for d in done),
+            "children_rss_mb": max(d["children_rss_mb"] for d in done),
+        }
+    params = {
+        "images": str(args.images),
+        "labels": str(args.labels),
+        "size": args.size,
+        "workers": workers,
+        "repeats": args.repeats,
+        **cpu_machine(),
+    }
     report("pack", cases, "full decode", params, args.out)
     print(f"{'case':<12} {'peak RSS main':>14} {'largest worker':>15}")
     for name, row in cases.items():

@@ -1,5 +1,6 @@
 """`lesionkit bench step`: training images/s of a model alone on synthetic device tensors (the throughput
 ceiling any input pipeline is judged against): fp32 vs bf16/fp16 autocast, channels_last, torch.compile."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -14,8 +15,16 @@ from lesionkit.models import create_model, list_models, prepare_model
 from lesionkit.optim import build_optimizer
 
 
-def _step_runner(model_name: str, device, batch: int, size: int, precision: str, channels_last: bool,
-                 compile: bool, steps: int) -> Callable[[], int]:
+def _step_runner(
+    model_name: str,
+    device,
+    batch: int,
+    size: int,
+    precision: str,
+    channels_last: bool,
+    compile: bool,
+    steps: int,
+) -> Callable[[], int]:
     """`steps` training steps (forward, loss, backward, Adam) of a fresh model on one normalized float batch
     that is already on the device: the throughput ceiling any input pipeline is judged against."""
     torch.manual_seed(0)
@@ -59,16 +68,34 @@ def bench(args) -> int:
         variants += [("fp32", False, True), ("bf16" if cuda else "fp32", cuda, True)]
     cases, optional = {}, set()
     for precision, channels_last, compiled in dict.fromkeys(variants):
-        name = ", ".join([precision + " autocast" * (precision != "fp32")] + ["channels_last"] * channels_last
-                         + ["compile"] * compiled)
-        cases[name] = _step_runner(args.model, device, args.batch_size, args.image_size, precision, channels_last,
-                                   compiled, args.steps)
+        name = ", ".join(
+            [precision + " autocast" * (precision != "fp32")]
+            + ["channels_last"] * channels_last
+            + ["compile"] * compiled
+        )
+        cases[name] = _step_runner(
+            args.model,
+            device,
+            args.batch_size,
+            args.image_size,
+            precision,
+            channels_last,
+            compiled,
+            args.steps,
+        )
         if compiled:
             optional.add(name)
     rows, failed = measure_interleaved(cases, args.repeats, optional=optional)
-    params = {"model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
-              "steps": args.steps, "repeats": args.repeats, "optimizer": "adam", "compile_failed": failed,
-              **machine(device)}
+    params = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "optimizer": "adam",
+        "compile_failed": failed,
+        **machine(device),
+    }
     report("step", rows, "fp32", params, args.out)
     for name, why in failed.items():
         print(f"{name}: not measured ({why})")

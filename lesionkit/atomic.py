@@ -5,6 +5,7 @@ so neither a crash nor a power cut leaves a name pointing at half-written bytes.
 Every command that writes results goes through here: `write_bytes` / `write_text` / `write_json` for
 files, `staged_dir` for a folder (shards, evaluation reports, synthetic datasets).
 """
+
 from __future__ import annotations
 
 import json

@@ -43,6 +43,7 @@ Reproducibility: `forward(x, seed=s)` gives the same output for the same batch a
 with `seed=` draws its k-th train batch from a stream keyed by (seed, loader worker seed, k), so reruns
 repeat exactly; without a seed it uses torch's global RNG (seeded by the trainer).
 """
+
 from __future__ import annotations
 
 import copy
@@ -78,9 +79,17 @@ _PRESET_CHANGES: dict[str, dict[str, dict]] = {
     "none": {},
     "light": {"hflip": {"p": 0.5}, "vflip": {"p": 0.5}, "rot90": {"p": 0.75}},
     "derm": {
-        "crop": {"p": 0.7}, "hflip": {"p": 0.5}, "vflip": {"p": 0.5}, "rotate": {"p": 0.75},
-        "affine": {"p": 0.5}, "elastic": {"p": 0.25}, "hair": {"p": 0.15}, "color": {"p": 0.8},
-        "equalize": {"p": 0.1}, "grayscale": {"p": 0.05}, "noise": {"p": 0.2},
+        "crop": {"p": 0.7},
+        "hflip": {"p": 0.5},
+        "vflip": {"p": 0.5},
+        "rotate": {"p": 0.75},
+        "affine": {"p": 0.5},
+        "elastic": {"p": 0.25},
+        "hair": {"p": 0.15},
+        "color": {"p": 0.8},
+        "equalize": {"p": 0.1},
+        "grayscale": {"p": 0.05},
+        "noise": {"p": 0.2},
     },
 }
 _PRESET_CHANGES["heavy"] = {
@@ -90,7 +99,9 @@ _PRESET_CHANGES["heavy"] = {
     "elastic": {"p": 0.35, "alpha": 0.04},
     "hair": {"p": 0.3, "max_hairs": 10, "max_width": 3},
     "color": {"p": 0.9, "brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.1},
-    "equalize": {"p": 0.2}, "grayscale": {"p": 0.1}, "noise": {"p": 0.3, "std": 0.05},
+    "equalize": {"p": 0.2},
+    "grayscale": {"p": 0.1},
+    "noise": {"p": 0.3, "std": 0.05},
 }
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -109,8 +120,10 @@ def preset_params(preset: str, **overrides) -> dict[str, dict]:
                 raise TypeError(f"augmentation op {op!r}: expected a mapping like {{p: 0.5}}, got {values!r}")
             unknown = sorted(set(values) - set(params[op]))
             if unknown:
-                raise ValueError(f"augmentation op {op!r}: unknown parameter(s) {', '.join(unknown)}; "
-                                 f"valid: {', '.join(params[op])}")
+                raise ValueError(
+                    f"augmentation op {op!r}: unknown parameter(s) {', '.join(unknown)}; "
+                    f"valid: {', '.join(params[op])}"
+                )
             params[op].update(values)
     for op, values in params.items():
         if not 0.0 <= float(values["p"]) <= 1.0:
@@ -146,7 +159,7 @@ def resize_center(x: torch.Tensor, size: int) -> torch.Tensor:
         x = kornia.geometry.transform.resize(x, size, side="short", antialias=True)
         h, w = x.shape[-2:]
     top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top:top + size, left:left + size]
+    return x[..., top : top + size, left : left + size]
 
 
 class ShadesOfGray(nn.Module):
@@ -168,8 +181,16 @@ class ShadesOfGray(nn.Module):
 class Augment(nn.Module):
     """uint8/float [B,3,H,W] on any device -> normalized float32 [B,3,S,S]; see the module docstring."""
 
-    def __init__(self, params: dict[str, dict], image_size: int, mean, std, color_constancy: bool = False,
-                 seed: int | None = None, preset: str = "custom"):
+    def __init__(
+        self,
+        params: dict[str, dict],
+        image_size: int,
+        mean,
+        std,
+        color_constancy: bool = False,
+        seed: int | None = None,
+        preset: str = "custom",
+    ):
         super().__init__()
         if int(image_size) < 8:
             raise ValueError(f"image_size must be >= 8, got {image_size!r}")
@@ -177,14 +198,18 @@ class Augment(nn.Module):
             raise ValueError(f"mean and std need 3 values (RGB), got {mean!r} and {std!r}")
         self.params, self.image_size, self.preset, self.seed = params, int(image_size), preset, seed
         self.color_constancy = ShadesOfGray() if color_constancy else None
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self._calls = 0
 
     def extra_repr(self) -> str:
         active = {op: v for op, v in self.params.items() if v["p"] > 0}
-        return f"preset={self.preset}, size={self.image_size}, color_constancy={self.color_constancy is not None}, " \
-               f"ops={active}"
+        return (
+            f"preset={self.preset}, size={self.image_size}, "
+            f"color_constancy={self.color_constancy is not None}, ops={active}"
+        )
 
     # ---- entry point -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
@@ -243,7 +268,9 @@ class Augment(nn.Module):
     # and applied with one grid_sample (plus the elastic field); flips and rot90 are exact index ops after.
     def _geometry(self, x: torch.Tensor) -> torch.Tensor:
         P, B, S = self.params, x.shape[0], self.image_size
-        A = torch.eye(2).repeat(B, 1, 1)  # input = A @ output + b, in coords where the short side spans [-1, 1]
+        A = torch.eye(2).repeat(
+            B, 1, 1
+        )  # input = A @ output + b, in coords where the short side spans [-1, 1]
         b = torch.zeros(B, 2)
         warped = False
 
@@ -273,7 +300,9 @@ class Augment(nn.Module):
             c = P["crop"]
             area = _uniform(B, *c["scale"])
             log_ratio = _uniform(B, math.log(c["ratio"][0]), math.log(c["ratio"][1]))
-            half = torch.stack([(area * log_ratio.exp()).sqrt(), (area / log_ratio.exp()).sqrt()], 1).clamp(max=1.0)
+            half = torch.stack([(area * log_ratio.exp()).sqrt(), (area / log_ratio.exp()).sqrt()], 1).clamp(
+                max=1.0
+            )
             # Lesion-centred: dermoscopy centres the lesion, so crop centres are drawn near the middle.
             centre = (torch.randn(B, 2) * (2 * float(c["center_std"]))).clamp(-1 + half, 1 - half)
             compose(sel, torch.diag_embed(half), centre)
@@ -283,16 +312,24 @@ class Augment(nn.Module):
             coarse = torch.randn(B, 2, g, g) * (2 * float(P["elastic"]["alpha"])) * sel.view(B, 1, 1, 1)
             # A smooth random field: coarse Gaussian offsets, bicubic to 1/8 size, then bilinear to full size
             # (a cheap stand-in for Gaussian-blurring full-resolution noise).
-            disp = F.interpolate(coarse, size=(max(S // 8, g), max(S // 8, g)), mode="bicubic", align_corners=True)
+            disp = F.interpolate(
+                coarse, size=(max(S // 8, g), max(S // 8, g)), mode="bicubic", align_corners=True
+            )
             warped = True
 
         if warped:  # flips and rot90 fold into the same map (the first stages from the output side)
             for op, flip in (("hflip", [-1.0, 1.0]), ("vflip", [1.0, -1.0])):
                 if flips[op] is not None:
-                    compose(flips[op], torch.diag(torch.tensor(flip)).expand(B, 2, 2), torch.zeros(B, 2),
-                            first=True)
+                    compose(
+                        flips[op],
+                        torch.diag(torch.tensor(flip)).expand(B, 2, 2),
+                        torch.zeros(B, 2),
+                        first=True,
+                    )
             if flips["rot90"] is not None:
-                compose(flips["rot90"], _rotation(turns.float() * (math.pi / 2)), torch.zeros(B, 2), first=True)
+                compose(
+                    flips["rot90"], _rotation(turns.float() * (math.pi / 2)), torch.zeros(B, 2), first=True
+                )
             h, w = x.shape[-2:]
             if min(h, w) > S:  # sample from an antialiased copy, not the full-resolution image
                 x = kornia.geometry.transform.resize(x, S, side="short", antialias=True)
@@ -304,8 +341,9 @@ class Augment(nn.Module):
                 grid += F.interpolate(disp.to(x.device), size=(S, S), mode="bilinear", align_corners=True)
             # Outside the image is black, like a dermatoscope's vignette ("reflection" mirrors lesions that
             # touch the border into ghost lesions).
-            return F.grid_sample(x, grid.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros",
-                                 align_corners=False)
+            return F.grid_sample(
+                x, grid.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros", align_corners=False
+            )
 
         x = resize_center(x, S)  # no resampling: flips and rot90 as exact index ops
         for op, dims in (("hflip", (-1,)), ("vflip", (-2,))):
@@ -405,9 +443,16 @@ def _hue_rotation(theta: torch.Tensor) -> torch.Tensor:
     return base + c * cos_part + s * sin_part
 
 
-def build_augment(preset: str, image_size: int, mean, std, color_constancy: bool = False,
-                  seed: int | None = None, **overrides) -> Augment:
-    """The batch augmentation module for a preset (see the table above); overrides are {op: {param: value}}."""
+def build_augment(
+    preset: str,
+    image_size: int,
+    mean,
+    std,
+    color_constancy: bool = False,
+    seed: int | None = None,
+    **overrides,
+) -> Augment:
+    """The batch augmentation module for a preset (table above); overrides are {op: {param: value}}."""
     return Augment(preset_params(preset, **overrides), image_size, mean, std, color_constancy, seed, preset)
 
 
@@ -432,8 +477,11 @@ def build_mixup(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float 
 
     if mixup_alpha < 0 or cutmix_alpha < 0:
         raise ValueError(f"mixup/cutmix alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
-    ops = [op(alpha=alpha, num_classes=num_classes)
-           for op, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
+    ops = [
+        op(alpha=alpha, num_classes=num_classes)
+        for op, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha))
+        if alpha > 0
+    ]
     if not ops:
         return None
     return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)

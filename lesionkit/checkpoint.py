@@ -14,6 +14,7 @@ are the `last`/`best` links swapped (os.replace), so a crash or a full disk at a
 previous checkpoint whole. Every pickle is loaded with `weights_only=True` first (`verify_loadable`): a
 checkpoint file carrying a pickled code payload is refused instead of executed.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,14 @@ from lesionkit.errors import UsageError
 TRAINER_STATE = "custom_checkpoint_0.pkl"  # the one object the trainer registers with Accelerate
 # What accelerator.load_state unpickles. It loads the registered trainer state with weights_only=False and
 # skips an unreadable RNG state silently; `verify_loadable` turns any refusal into an error first.
-ACCELERATE_PICKLES = ("optimizer*.bin", "scheduler*.bin", "sampler*.bin", "scaler*.pt", "random_states_*.pkl",
-                      "custom_checkpoint_*.pkl")
+ACCELERATE_PICKLES = (
+    "optimizer*.bin",
+    "scheduler*.bin",
+    "sampler*.bin",
+    "scaler*.pt",
+    "random_states_*.pkl",
+    "custom_checkpoint_*.pkl",
+)
 
 
 class CheckpointError(UsageError):
@@ -85,7 +92,7 @@ def clean_staging(run_dir: Path) -> list[Path]:
 
 
 def write_inference_files(ckpt_dir: Path, state_dict: dict, cfg: TrainConfig, info: dict) -> None:
-    """model.pt (weights only), config.yaml and info.json: what `lesionkit.inference.load_checkpoint` reads."""
+    """model.pt (weights only), config.yaml and info.json: what `inference.load_checkpoint` reads."""
     torch.save(state_dict, ckpt_dir / "model.pt")
     write_text(ckpt_dir / "config.yaml", to_yaml(cfg))
     write_json(ckpt_dir / "info.json", info)

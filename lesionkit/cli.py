@@ -5,6 +5,7 @@ and `run(args) -> int`: argument parsing and printing only, the work is done by 
 are imported lazily so `lesionkit --help` stays fast (no torch import). A `LesionkitError` from anywhere
 ends the command here, once: one line on stderr, no traceback, its exit code (2 bad input, 1 failure).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,12 +17,23 @@ from lesionkit.errors import LesionkitError, message
 # name -> (module, one-line help). Order is the order `lesionkit --help` lists them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("lesionkit.commands.synth", "write a synthetic dermoscopy dataset in the ISIC 2017 layout"),
-    "download": ("lesionkit.commands.download", "fetch and unpack the official ISIC 2017 archives (resumable)"),
+    "download": (
+        "lesionkit.commands.download",
+        "fetch and unpack the official ISIC 2017 archives (resumable)",
+    ),
     "pack": ("lesionkit.commands.pack", "pack images + a labels CSV into WebDataset shards with a manifest"),
-    "stats": ("lesionkit.commands.stats", "print the class distribution of packed shards; --verify re-hashes them"),
-    "train": ("lesionkit.commands.train", "train a model (multi-process: accelerate launch lesionkit/train.py)"),
-    "evaluate": ("lesionkit.commands.evaluate", "score a checkpoint on packed shards: metrics.json, predictions, "
-                                                "plots"),
+    "stats": (
+        "lesionkit.commands.stats",
+        "print the class distribution of packed shards; --verify re-hashes them",
+    ),
+    "train": (
+        "lesionkit.commands.train",
+        "train a model (multi-process: accelerate launch lesionkit/train.py)",
+    ),
+    "evaluate": (
+        "lesionkit.commands.evaluate",
+        "score a checkpoint on packed shards: metrics.json, predictions, plots",
+    ),
     "predict": ("lesionkit.commands.predict", "write a submission CSV for a folder of images or shards"),
     "preview-aug": ("lesionkit.commands.preview", "write a PNG grid of original and augmented images"),
     "bench": ("benchmarks.cli", "benchmarks: loader, aug, step, e2e, pack, memory (baseline beside each)"),

@@ -3,6 +3,7 @@
 Precedence: dataclass defaults < recipe YAML (`--config NAME|PATH`) < command-line flags. Unknown
 keys and bad values fail before any process group starts, listing the valid choices.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,20 +40,29 @@ class TrainConfig:
     skip_corrupt: bool = opt(False, "skip (and count) undecodable training samples instead of failing")
     # model
     model: str = opt("customnet", "architecture from the model registry (lesionkit.models.list_models)")
-    pretrained: bool = opt(False, "start from ImageNet weights (torchvision download, or the offline package "
-                                  "for efficientnet_lite0)")
-    weights: str | None = opt(None, "a local state dict to start from (a mismatched classifier head is skipped)")
-    channels_last: bool = opt(False, "channels_last memory format (faster convolutions on GPUs and recent CPUs)")
+    pretrained: bool = opt(
+        False,
+        "start from ImageNet weights (torchvision download, or the offline package for efficientnet_lite0)",
+    )
+    weights: str | None = opt(
+        None, "a local state dict to start from (a mismatched classifier head is skipped)"
+    )
+    channels_last: bool = opt(
+        False, "channels_last memory format (faster convolutions on GPUs and recent CPUs)"
+    )
     compile: bool = opt(False, "torch.compile the model")
     freeze_epochs: int = opt(0, "train only the classifier head for this many epochs first")
-    freeze_blocks: int = opt(0, "keep the stem and this many leading feature blocks frozen all run (cheap CPU "
-                                "fine-tuning)")
+    freeze_blocks: int = opt(
+        0, "keep the stem and this many leading feature blocks frozen all run (cheap CPU fine-tuning)"
+    )
     # optimisation
     optimizer: str = opt("adam", "optimizer", ("sgd", "adam", "adamw"))
     lr: float = opt(1e-3, "learning rate")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(0.0, "weight decay")
-    scheduler: str = opt("plateau", "LR schedule, stepped once per epoch", ("none", "step", "plateau", "cosine"))
+    scheduler: str = opt(
+        "plateau", "LR schedule, stepped once per epoch", ("none", "step", "plateau", "cosine")
+    )
     step_size: int = opt(7, "step scheduler: epochs between LR drops")
     gamma: float = opt(0.1, "step scheduler: LR factor at each drop")
     plateau_patience: int = opt(2, "plateau scheduler: epochs without improvement before the LR drops")
@@ -70,12 +80,20 @@ class TrainConfig:
     # augmentation
     augment: str = opt("derm", "augmentation preset (lesionkit.augment.PRESETS)")
     augment_overrides: dict = opt(dict, "per-op overrides as YAML, e.g. '{elastic: {p: 0}}'")
-    augment_placement: str = opt("auto", "where augmentation runs (auto: device on GPUs, loader workers on "
-                                         "CPUs)", ("auto", "device", "workers"))
-    color_constancy: bool = opt(False, "Shades-of-Gray colour constancy before normalisation (also at inference)")
+    augment_placement: str = opt(
+        "auto",
+        "where augmentation runs (auto: device on GPUs, loader workers on CPUs)",
+        ("auto", "device", "workers"),
+    )
+    color_constancy: bool = opt(
+        False, "Shades-of-Gray colour constancy before normalisation (also at inference)"
+    )
     # validation, selection
-    monitor: str = opt("", "metric that picks the best checkpoint, drives early stopping and the plateau "
-                           "scheduler (default: the task's score; losses are minimised)")
+    monitor: str = opt(
+        "",
+        "metric that picks the best checkpoint, drives early stopping and the plateau "
+        "scheduler (default: the task's score; losses are minimised)",
+    )
     val_tta: str = opt("none", "validate on averaged test-time views, as `evaluate --tta` scores", TTA_MODES)
     early_stop_patience: int = opt(0, "stop after this many epochs without a better monitor (0 = off)")
     ema_decay: float = opt(0.0, "keep an exponential moving average of the weights and validate it (0 = off)")
@@ -83,8 +101,11 @@ class TrainConfig:
     # run
     output_dir: str = opt("runs/default", "run folder: checkpoints, metrics.json, W&B files")
     seed: int = opt(0, "seed of every random draw (weights, data order, augmentation)")
-    mixed_precision: str = opt("auto", "auto: from the accelerate config, else bf16 on GPUs that have it, fp32 "
-                                       "on CPUs", ("auto", "no", "bf16", "fp16"))
+    mixed_precision: str = opt(
+        "auto",
+        "auto: from the accelerate config, else bf16 on GPUs that have it, fp32 on CPUs",
+        ("auto", "no", "bf16", "fp16"),
+    )
     cpu: bool = opt(False, "train on the CPU even when a GPU is present")
     resume: bool = opt(False, "continue from OUTPUT_DIR/last exactly where it stopped")
     wandb: bool = opt(True, "log to Weights & Biases (offline without an API key)")
@@ -96,7 +117,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-CHOICES = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig) if f.metadata.get("choices")}
+CHOICES = {
+    f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig) if f.metadata.get("choices")
+}
 
 
 def list_recipes() -> list[str]:
@@ -111,7 +134,9 @@ def resolve_recipe(name_or_path: str) -> Path:
     packaged = RECIPES_DIR / f"{name_or_path}.yaml"
     if packaged.exists():
         return packaged
-    raise ConfigError(f"unknown recipe {name_or_path!r}: not a file; packaged recipes: {', '.join(list_recipes())}")
+    raise ConfigError(
+        f"unknown recipe {name_or_path!r}: not a file; packaged recipes: {', '.join(list_recipes())}"
+    )
 
 
 def _field_types() -> dict[str, type]:
@@ -190,15 +215,25 @@ def load_recipe(name_or_path: str) -> dict:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One `--flag` per dataclass field (underscores become dashes; booleans get `--no-flag` too), with the
     field's help text, default and choices, plus `--config` and `--print-config`."""
-    parser.add_argument("--config", help=f"recipe name ({', '.join(list_recipes())}) or YAML path; flags override it")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (defaults < recipe < flags) as YAML and exit")
+    parser.add_argument(
+        "--config", help=f"recipe name ({', '.join(list_recipes())}) or YAML path; flags override it"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (defaults < recipe < flags) as YAML and exit",
+    )
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         typ, flag = _field_types()[f.name], "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        shown = "on" if default is True else "off" if default is False else (default if default not in ("", [], {})
-                                                                               else "none")
+        shown = (
+            "on"
+            if default is True
+            else "off"
+            if default is False
+            else (default if default not in ("", [], {}) else "none")
+        )
         kw = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} (default: {shown})"}
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]

@@ -17,6 +17,7 @@ Never pass these loaders through `accelerator.prepare`: Accelerate would wrap th
 sharding (each rank keeps every world_size-th batch of what is already its own share), silently
 dropping half of the data on 2 ranks, and its even_batches logic knows nothing of our padding.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -82,7 +83,9 @@ def _shards(dirs) -> tuple[list[str], list[_Shard]]:
     return classes, shards
 
 
-def _plan(shards: list[_Shard], world_size: int, workers: int, order_seed: int | None) -> list[list[list[int]]]:
+def _plan(
+    shards: list[_Shard], world_size: int, workers: int, order_seed: int | None
+) -> list[list[list[int]]]:
     """plan[rank][worker] = shard indices. Largest shard first into the emptiest slot (ties: lowest slot,
     and slot k belongs to rank k % world_size so ranks alternate). The slot loads depend only on the
     shard sizes, so they are the same every epoch; `order_seed` only permutes equally sized shards."""
@@ -125,8 +128,13 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _decode(sample: dict, size: int, stored: dict[str, int], rng: random.Random | None,
-            features: Callable[[dict], Sequence[float]] | None = None):
+def _decode(
+    sample: dict,
+    size: int,
+    stored: dict[str, int],
+    rng: random.Random | None,
+    features: Callable[[dict], Sequence[float]] | None = None,
+):
     """Raw sample -> (uint8 [3,size,size], label, key, metadata features or None). Shorter side to `size`
     (a no-op when packed at the training size), then a random (train) or centre (eval) square crop along
     the longer side. `features` maps the sample's JSON record to its metadata feature vector."""
@@ -148,14 +156,18 @@ def _decode(sample: dict, size: int, stored: dict[str, int], rng: random.Random 
     else:
         top, left = rng.randint(0, h - size), rng.randint(0, w - size)
     meta = None if features is None else features(json.loads(sample["json"]))
-    return image[:, top:top + size, left:left + size], int(sample["cls"]), sample["__key__"], meta
+    return image[:, top : top + size, left : left + size], int(sample["cls"]), sample["__key__"], meta
 
 
 def _collate(samples: list[tuple]) -> Batch:
     images, labels, keys, meta = zip(*samples)
     # default_collate stacks straight into shared memory inside a worker: no copy on the way out
-    return Batch(default_collate(list(images)), torch.tensor(labels, dtype=torch.int64), list(keys),
-                 None if meta[0] is None else torch.tensor(np.asarray(meta, dtype=np.float32)))
+    return Batch(
+        default_collate(list(images)),
+        torch.tensor(labels, dtype=torch.int64),
+        list(keys),
+        None if meta[0] is None else torch.tensor(np.asarray(meta, dtype=np.float32)),
+    )
 
 
 def _tar_samples(url: str) -> Iterator[dict]:
@@ -171,19 +183,25 @@ def _tar_samples(url: str) -> Iterator[dict]:
             if not header or header[0] == 0:  # end of the stream, or end-of-archive blocks
                 break
             if len(header) < 512:
-                raise CorruptDataError(f"shard {url} is truncated: a tar header ends at byte {off + len(header)}")
+                raise CorruptDataError(
+                    f"shard {url} is truncated: a tar header ends at byte {off + len(header)}"
+                )
             try:
                 size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-                name = (header[345:500].split(b"\0", 1)[0] + b"/" if header[345] and header[257:262] == b"ustar"
-                        else b"") + header[:100].split(b"\0", 1)[0]
+                name = (
+                    header[345:500].split(b"\0", 1)[0] + b"/"
+                    if header[345] and header[257:262] == b"ustar"
+                    else b""
+                ) + header[:100].split(b"\0", 1)[0]
             except ValueError:
                 raise CorruptDataError(f"shard {url} is corrupt: bad tar header at byte {off}") from None
             kind, padded = header[156:157], (size + 511) // 512 * 512
             block = f.read(padded)
             off += 512 + len(block)
             if len(block) < padded:  # a tar member always fills its 512-byte blocks
-                raise CorruptDataError(f"shard {url} is truncated: member {name.decode(errors='replace')} ends "
-                                       f"past byte {off}")
+                raise CorruptDataError(
+                    f"shard {url} is truncated: member {name.decode(errors='replace')} ends past byte {off}"
+                )
             payload = block[:size]
             if kind == b"x":  # pax extended header: only a long `path` matters here
                 for record in payload.split(b"\n"):
@@ -228,12 +246,26 @@ def read_with_webdataset(urls: list[str], skip_bad: bool = False) -> Iterator[di
     """The same samples through `wds.WebDataset` (shards split and ordered by the plan already, so no
     splitters and shardshuffle=False): the reference `_tar_samples` is tested and benchmarked against."""
     handler = wds.warn_and_continue if skip_bad else wds.reraise_exception
-    return iter(wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                               handler=handler, empty_check=False))
+    return iter(
+        wds.WebDataset(
+            urls,
+            shardshuffle=False,
+            nodesplitter=None,
+            workersplitter=None,
+            handler=handler,
+            empty_check=False,
+        )
+    )
 
 
-def _cycle(read: Callable, urls: list[str], rng: random.Random, skip_bad: bool, buffer: int,
-           select: Callable | None = None) -> Iterator[dict]:
+def _cycle(
+    read: Callable,
+    urls: list[str],
+    rng: random.Random,
+    skip_bad: bool,
+    buffer: int,
+    select: Callable | None = None,
+) -> Iterator[dict]:
     """The worker's shards over and over, each pass in a new shard order and shuffled through a buffer of
     `buffer` samples. Shuffling within a pass keeps the first pass a permutation: every sample once."""
     urls = list(urls)
@@ -243,7 +275,8 @@ def _cycle(read: Callable, urls: list[str], rng: random.Random, skip_bad: bool, 
         if select is not None:
             samples = filter(select, samples)
         count = 0
-        for count, sample in enumerate(wds.shuffle(buffer, buffer, rng=rng)(samples), 1):
+        for sample in wds.shuffle(buffer, buffer, rng=rng)(samples):
+            count += 1
             yield sample
         if not count:
             raise CorruptDataError(f"no readable samples in shards {urls}")
@@ -261,11 +294,26 @@ class _Stream(IterableDataset):
 
     read = staticmethod(_read)  # urls, skip_bad -> raw samples; `lesionkit bench loader` swaps in wds
 
-    def __init__(self, shards: list[_Shard], classes: list[str], *, train: bool, image_size: int,
-                 batch_size: int, seed: int, epoch: int, rank: int, world_size: int, workers: int,
-                 shuffle_buffer: int = 0, class_weights: list[float] | None = None,
-                 batch_transform: Callable | None = None, skip_corrupt: bool = False, max_batches: int = 0,
-                 features: Callable[[dict], Sequence[float]] | None = None):
+    def __init__(
+        self,
+        shards: list[_Shard],
+        classes: list[str],
+        *,
+        train: bool,
+        image_size: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        shuffle_buffer: int = 0,
+        class_weights: list[float] | None = None,
+        batch_transform: Callable | None = None,
+        skip_corrupt: bool = False,
+        max_batches: int = 0,
+        features: Callable[[dict], Sequence[float]] | None = None,
+    ):
         super().__init__()
         self.shards, self.classes, self.train = shards, classes, train
         self.image_size, self.batch_size, self.seed, self.epoch = image_size, batch_size, seed, epoch
@@ -276,8 +324,10 @@ class _Stream(IterableDataset):
         self.stored = {s.url: s.stored_size for s in shards}
         # Samples skipped as corrupt, shared with the loader workers so the trainer can report the count.
         self.skipped = multiprocessing.Value("q", 0)
-        loads = [[sum(shards[i].num_samples for i in slot) for slot in rank_slots]
-                 for rank_slots in self.plan(epoch)]
+        loads = [
+            [sum(shards[i].num_samples for i in slot) for slot in rank_slots]
+            for rank_slots in self.plan(epoch)
+        ]
         if train:
             self.num_batches, quotas = _quotas(loads, batch_size, max_batches)
             self.quotas = quotas[rank]
@@ -286,8 +336,12 @@ class _Stream(IterableDataset):
             self.num_batches = sum(self.quotas)
 
     def plan(self, epoch: int) -> list[list[list[int]]]:
-        return _plan(self.shards, self.world_size, self.workers,
-                     seeds.derive(seeds.PLAN, self.seed, epoch) if self.train else None)
+        return _plan(
+            self.shards,
+            self.world_size,
+            self.workers,
+            seeds.derive(seeds.PLAN, self.seed, epoch) if self.train else None,
+        )
 
     def __iter__(self):
         worker, num_workers = _worker()
@@ -309,7 +363,9 @@ class _Stream(IterableDataset):
             raw = _cycle(self._read_counted, urls, rng, self.skip_corrupt, self.shuffle_buffer)
         else:
             raw = self._balanced(urls, rng)
-        batches = wds.batched(self.batch_size, collation_fn=_collate, partial=False)(self._decoded(raw, rng, urls))
+        batches = wds.batched(self.batch_size, collation_fn=_collate, partial=False)(
+            self._decoded(raw, rng, urls)
+        )
         yield from self._transformed(itertools.islice(batches, quota), (self.seed, epoch, self.rank, worker))
 
     def _balanced(self, urls: list[str], rng: random.Random) -> Iterator[dict]:
@@ -319,15 +375,26 @@ class _Stream(IterableDataset):
         together hit the weights even when shards do not mix classes evenly."""
         mine = [s for s in self.shards if s.url in urls]
         totals = [sum(s.counts[c] for s in self.shards) for c in range(len(self.classes))]
-        mix = {c: self.class_weights[c] * sum(s.counts[c] for s in mine) / totals[c]
-               for c in range(len(self.classes)) if totals[c]}
+        mix = {
+            c: self.class_weights[c] * sum(s.counts[c] for s in mine) / totals[c]
+            for c in range(len(self.classes))
+            if totals[c]
+        }
         present = [c for c, w in mix.items() if w > 0]
         if not present:
             raise UsageError(f"shards {urls} hold no sample of a class with a positive weight")
         buffer = max(1, self.shuffle_buffer // len(present))
-        streams = [_cycle(self._read_counted, urls, random.Random(rng.random()), self.skip_corrupt, buffer,
-                          lambda s, c=c: _label(s) == c)
-                   for c in present]
+        streams = [
+            _cycle(
+                self._read_counted,
+                urls,
+                random.Random(rng.random()),
+                self.skip_corrupt,
+                buffer,
+                lambda s, c=c: _label(s) == c,
+            )
+            for c in present
+        ]
         return _weighted_mix(streams, [mix[c] for c in present], rng)
 
     def _read_counted(self, urls: list[str], skip_bad: bool) -> Iterator[dict]:
@@ -335,7 +402,8 @@ class _Stream(IterableDataset):
         expected = {s.url: s.num_samples for s in self.shards}
         for url in urls:
             n = 0
-            for n, sample in enumerate(self.read([url], skip_bad), 1):
+            for sample in self.read([url], skip_bad):
+                n += 1
                 yield sample
             self._count_skipped(expected[url] - n)
 
@@ -358,8 +426,9 @@ class _Stream(IterableDataset):
                     hint = " (skip_corrupt skips such samples)" if self.train else ""
                     raise CorruptDataError(f"corrupt {where}: {exc}{hint}") from exc
                 failures += 1
-                log.warning("skipped corrupt %s: %s (%d skipped by this process)", where, exc,
-                            self._count_skipped(1))
+                log.warning(
+                    "skipped corrupt %s: %s (%d skipped by this process)", where, exc, self._count_skipped(1)
+                )
                 if failures > limit:
                     raise CorruptDataError(f"no decodable samples in shards {urls}") from exc
                 continue
@@ -398,8 +467,9 @@ class ShardLoader:
 
     def _build(self):
         kw = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor} if self.workers > 0 else {}
-        return wds.WebLoader(self.stream, batch_size=None, num_workers=self.workers,
-                             pin_memory=torch.cuda.is_available(), **kw)
+        return wds.WebLoader(
+            self.stream, batch_size=None, num_workers=self.workers, pin_memory=torch.cuda.is_available(), **kw
+        )
 
     def __len__(self) -> int:
         return self.stream.num_batches
@@ -420,19 +490,37 @@ class ShardLoader:
 
 
 def _check_common(image_size: int, batch_size: int, workers: int, rank: int, world_size: int) -> None:
-    for name, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
-                             ("workers", workers, 0), ("world_size", world_size, 1)):
+    for name, value, low in (
+        ("image_size", image_size, 1),
+        ("batch_size", batch_size, 1),
+        ("workers", workers, 0),
+        ("world_size", world_size, 1),
+    ):
         if value < low:
             raise UsageError(f"{name} must be >= {low}, got {value}")
     if not 0 <= rank < world_size:
         raise UsageError(f"rank {rank} is outside world_size {world_size}")
 
 
-def train_loader(dirs, *, image_size: int, batch_size: int, workers: int, seed: int, epoch: int, rank: int,
-                 world_size: int, shuffle_buffer: int = 500, balanced: bool = False,
-                 class_weights: Sequence[float] | None = None, batch_transform: Callable | None = None,
-                 skip_corrupt: bool = False, max_batches: int = 0, prefetch_factor: int = 2,
-                 features: Callable[[dict], Sequence[float]] | None = None) -> ShardLoader:
+def train_loader(
+    dirs,
+    *,
+    image_size: int,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    shuffle_buffer: int = 500,
+    balanced: bool = False,
+    class_weights: Sequence[float] | None = None,
+    batch_transform: Callable | None = None,
+    skip_corrupt: bool = False,
+    max_batches: int = 0,
+    prefetch_factor: int = 2,
+    features: Callable[[dict], Sequence[float]] | None = None,
+) -> ShardLoader:
     """Training `Batch`es, full batches only, `len()` equal on all ranks.
 
     `balanced` draws classes with `class_weights` (default: equal); `batch_transform` runs in the
@@ -449,28 +537,64 @@ def train_loader(dirs, *, image_size: int, batch_size: int, workers: int, seed: 
             f"{len(shards)} shard(s) in {', '.join(as_list(dirs))} but {world_size} process(es) x "
             f"{max(1, workers)} loader worker(s) need at least {slots} (each worker streams whole shards); "
             f"repack with a smaller --shard-size (at most {max(1, total // slots)} for {total} samples) "
-            f"or use fewer workers")
+            f"or use fewer workers"
+        )
     weights = None
     if balanced:
         weights = [1.0] * len(classes) if class_weights is None else [float(w) for w in class_weights]
         if len(weights) != len(classes) or min(weights) < 0 or sum(weights) <= 0:
-            raise UsageError(f"class_weights {list(class_weights)} must be {len(classes)} non-negative "
-                             f"numbers (classes {classes}), not all zero")
-    stream = _Stream(shards, classes, train=True, image_size=image_size, batch_size=batch_size, seed=seed,
-                     epoch=epoch, rank=rank, world_size=world_size, workers=workers,
-                     shuffle_buffer=max(1, shuffle_buffer), class_weights=weights,
-                     batch_transform=batch_transform, skip_corrupt=skip_corrupt, max_batches=max_batches,
-                     features=features)
+            raise UsageError(
+                f"class_weights {list(class_weights)} must be {len(classes)} non-negative "
+                f"numbers (classes {classes}), not all zero"
+            )
+    stream = _Stream(
+        shards,
+        classes,
+        train=True,
+        image_size=image_size,
+        batch_size=batch_size,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        shuffle_buffer=max(1, shuffle_buffer),
+        class_weights=weights,
+        batch_transform=batch_transform,
+        skip_corrupt=skip_corrupt,
+        max_batches=max_batches,
+        features=features,
+    )
     return ShardLoader(stream, workers, prefetch_factor)
 
 
-def eval_loader(dirs, *, image_size: int, batch_size: int, workers: int, rank: int, world_size: int,
-                prefetch_factor: int = 2, features: Callable[[dict], Sequence[float]] | None = None) -> ShardLoader:
+def eval_loader(
+    dirs,
+    *,
+    image_size: int,
+    batch_size: int,
+    workers: int,
+    rank: int,
+    world_size: int,
+    prefetch_factor: int = 2,
+    features: Callable[[dict], Sequence[float]] | None = None,
+) -> ShardLoader:
     """Evaluation `Batch`es: in shard order, centre crop, every sample
     exactly once across all ranks and workers (batch counts may differ per rank: gather by key at the
     end, never per batch). Corrupt samples raise, naming shard and key."""
     _check_common(image_size, batch_size, workers, rank, world_size)
     classes, shards = _shards(dirs)
-    stream = _Stream(shards, classes, train=False, image_size=image_size, batch_size=batch_size, seed=0,
-                     epoch=0, rank=rank, world_size=world_size, workers=workers, features=features)
+    stream = _Stream(
+        shards,
+        classes,
+        train=False,
+        image_size=image_size,
+        batch_size=batch_size,
+        seed=0,
+        epoch=0,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        features=features,
+    )
     return ShardLoader(stream, workers, prefetch_factor)

@@ -4,6 +4,7 @@ same entry point users call (`accelerate launch lesionkit/train.py`).
     python -m lesionkit.demo                 # shards (once) + a short customnet run in runs/demo
     python -m lesionkit.demo --prepare-only  # just the shards in shards/demo/{train,val}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ def accelerate_config() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lesionkit.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--prepare-only", action="store_true", help="only make the demo shards")
-    parser.add_argument("--output-dir", default="runs/demo", help="run folder (replaced: the demo starts fresh)")
+    parser.add_argument(
+        "--output-dir", default="runs/demo", help="run folder (replaced: the demo starts fresh)"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the demo recipe's epochs")
     args = parser.parse_args(argv)
     train_dir, val_dir = ensure_demo_shards()
@@ -35,9 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     if out.exists():
         shutil.rmtree(out)  # the demo always starts fresh
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config()),
-           str(REPO / "lesionkit" / "train.py"), "--config", "demo", "--train", str(train_dir),
-           "--val", str(val_dir), "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_config()),
+        str(REPO / "lesionkit" / "train.py"),
+        "--config",
+        "demo",
+        "--train",
+        str(train_dir),
+        "--val",
+        str(val_dir),
+        "--output-dir",
+        str(out),
+    ]
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
     print("lesionkit demo:", " ".join(cmd[2:]), flush=True)

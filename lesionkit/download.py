@@ -6,6 +6,7 @@ Meant to be run once on a cluster login node. Every step is resumable and idempo
 - a zip is extracted to a temp folder, moved into place, and marked `.<zip>.unpacked`; a rerun
   skips whatever is done.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -69,19 +70,35 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
             total, offset, mode = (int(length) if length else None), 0, "wb"
         from tqdm import tqdm
 
-        with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                         desc=part.name.removesuffix(".part"), disable=not progress) as bar:
+        with (
+            open(part, mode) as f,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                desc=part.name.removesuffix(".part"),
+                disable=not progress,
+            ) as bar,
+        ):
             for block in iter(lambda: response.read(BLOCK), b""):
                 f.write(block)
                 bar.update(len(block))
     size = part.stat().st_size
     if total is not None and size != total:
-        raise _Resumable(f"{url}: connection ended at {size} of {total} bytes; "
-                            f"run the command again to resume from {part}")
+        raise _Resumable(
+            f"{url}: connection ended at {size} of {total} bytes; run the command again to resume from {part}"
+        )
 
 
-def fetch(url: str, dest: str | Path, sha256: str | None = None, retries: int = 3, timeout: float = 60,
-          progress: bool = False) -> Path:
+def fetch(
+    url: str,
+    dest: str | Path,
+    sha256: str | None = None,
+    retries: int = 3,
+    timeout: float = 60,
+    progress: bool = False,
+) -> Path:
     """Download `url` to `dest` (skipped if dest exists), resuming `dest.part`; checks size and sha256.
 
     Dropped connections are resumed up to `retries` times; HTTP errors (404, 403) fail at once.
@@ -100,7 +117,7 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, retries: int = 
             failure = DownloadError(f"{url}: {e}; run the command again to resume")
         if attempt == retries:
             raise failure
-        time.sleep(min(2 ** attempt, 30))
+        time.sleep(min(2**attempt, 30))
     if sha256 is not None and sha256_file(part) != sha256:
         part.unlink()
         raise DownloadError(f"{url}: sha256 mismatch (corrupt download); deleted {part}, run again")
@@ -133,9 +150,15 @@ def unpack(archive: str | Path, root: str | Path) -> None:
     marker.touch()
 
 
-def download_isic2017(root: str | Path, parts=("train", "val", "test"), base_url: str = BASE_URL,
-                      checksums: dict[str, str] | None = None, retries: int = 3, remove_zips: bool = False,
-                      progress: bool = False) -> dict[str, dict[str, Path]]:
+def download_isic2017(
+    root: str | Path,
+    parts=("train", "val", "test"),
+    base_url: str = BASE_URL,
+    checksums: dict[str, str] | None = None,
+    retries: int = 3,
+    remove_zips: bool = False,
+    progress: bool = False,
+) -> dict[str, dict[str, Path]]:
     """Fetch + unpack the chosen parts; return {part: {"images": folder, "labels": csv}}."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:

@@ -5,6 +5,7 @@ data of the wrong classes. Fix the command. `RunError` (exit 1): something faile
 non-finite loss, a corrupt sample met while reading). The CLI catches `LesionkitError` once
 (`lesionkit.cli.run_command`); library code raises the subclass naming the culprit.
 """
+
 from __future__ import annotations
 
 

@@ -8,6 +8,7 @@ Test-time augmentation averages probabilities over views (`inference.tta_views`)
 (`--fit-temperature` on a validation set) is stored as `temperature.json` in the checkpoint folder and
 applied from then on by `evaluate` and `predict`.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,10 +37,17 @@ def score(accelerator, model, info: dict, dirs, ckpt, tta: str, batch_size: int,
     """(keys, labels, logits [N, V, C]) of every sample of `dirs`, gathered from all ranks on every rank."""
     classes, _, num_samples = dataset_info(dirs)
     check_classes(info, classes, ckpt, " ".join(map(str, dirs)))
-    loader = eval_loader(dirs, image_size=info["image_size"], batch_size=batch_size, workers=workers,
-                         rank=accelerator.process_index, world_size=accelerator.num_processes)
-    keys, labels, logits = predict_logits(model, loader, accelerator.device, preprocess, tta,
-                                          autocast=accelerator.autocast)
+    loader = eval_loader(
+        dirs,
+        image_size=info["image_size"],
+        batch_size=batch_size,
+        workers=workers,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    keys, labels, logits = predict_logits(
+        model, loader, accelerator.device, preprocess, tta, autocast=accelerator.autocast
+    )
     keys, labels, logits = gather_predictions(accelerator, keys, labels, logits)
     if len(keys) != num_samples:
         raise UsageError(f"scored {len(keys)} samples but the manifests of {dirs} list {num_samples}")
@@ -52,8 +60,9 @@ def load_thresholds(path: Path, classes: list[str]) -> tuple[dict, str]:
     """(thresholds per class, their source) from a thresholds.json or an evaluate output folder."""
     file = path / THRESHOLDS_FILE if path.is_dir() else path
     if not file.is_file():
-        raise UsageError(f"--thresholds-from {path}: not a shard folder, a {THRESHOLDS_FILE} or a folder "
-                         "holding one")
+        raise UsageError(
+            f"--thresholds-from {path}: not a shard folder, a {THRESHOLDS_FILE} or a folder holding one"
+        )
     saved = json.loads(file.read_text())
     thresholds = saved.get("thresholds", saved)
     missing = [c for c in classes if c not in thresholds]
@@ -69,14 +78,20 @@ def predictions_frame(keys, labels, probs, classes) -> pd.DataFrame:
     return df
 
 
-def write_report(out: Path, m: dict, keys, labels, probs, classes, own_thresholds: dict, data, title: str) -> Path:
+def write_report(
+    out: Path, m: dict, keys, labels, probs, classes, own_thresholds: dict, data, title: str
+) -> Path:
     """The evaluation folder, all at once: metrics.json, thresholds.json, predictions.csv and the plots."""
     from lesionkit import plots
 
     with staged_dir(out) as tmp:
         write_json(tmp / "metrics.json", m)
-        write_json(tmp / THRESHOLDS_FILE, {"thresholds": own_thresholds, "source": f"Youden's J on {' '.join(data)}"})
-        write_text(tmp / "predictions.csv", predictions_frame(keys, labels, probs, classes).to_csv(index=False))
+        write_json(
+            tmp / THRESHOLDS_FILE, {"thresholds": own_thresholds, "source": f"Youden's J on {' '.join(data)}"}
+        )
+        write_text(
+            tmp / "predictions.csv", predictions_frame(keys, labels, probs, classes).to_csv(index=False)
+        )
         plots.roc_figure(labels, probs, classes, tmp / "roc.png", title=title)
         plots.confusion_figure(m["confusion_matrix"], classes, tmp / "confusion.png")
         plots.reliability_figure(labels, probs, tmp / "reliability.png")
@@ -94,8 +109,14 @@ def log_to_wandb(ckpt: Path, info: dict, prefix: str, m: dict, out: Path) -> Non
 
     cfg = load_config(ckpt / "config.yaml")
     run_id = info.get("wandb_id") or None
-    run = wandb.init(project=cfg.wandb_project, dir=str(ckpt.parent), id=run_id,
-                     resume="allow" if run_id else None, job_type="evaluate", name=cfg.run_name or None)
+    run = wandb.init(
+        project=cfg.wandb_project,
+        dir=str(ckpt.parent),
+        id=run_id,
+        resume="allow" if run_id else None,
+        job_type="evaluate",
+        name=cfg.run_name or None,
+    )
     run.summary.update({f"{prefix}/{k}": v for k, v in m.items() if isinstance(v, (int, float))})
     run.log({f"{prefix}/{name}": wandb.Image(str(out / f"{name}.png")) for name in PLOTS})
     mode = run.settings.mode
@@ -114,15 +135,20 @@ def summary_table(m: dict, classes: list[str], task: tasks.Task) -> str:
     for c in classes:
         lo_hi = ci.get(f"auc_{c}")
         ci_txt = f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "-"
-        lines.append(f"{c:<22}{m[f'n_{c}']:>6}{_fmt(m[f'auc_{c}']):>8}{ci_txt:>17}"
-                     f"{_fmt(m[f'auc_sens_80_{c}']):>9}{_fmt(m[f'ap_{c}']):>8}{_fmt(m[f'sens_{c}']):>8}"
-                     f"{_fmt(m[f'spec_{c}']):>8}")
+        lines.append(
+            f"{c:<22}{m[f'n_{c}']:>6}{_fmt(m[f'auc_{c}']):>8}{ci_txt:>17}"
+            f"{_fmt(m[f'auc_sens_80_{c}']):>9}{_fmt(m[f'ap_{c}']):>8}{_fmt(m[f'sens_{c}']):>8}"
+            f"{_fmt(m[f'spec_{c}']):>8}"
+        )
     scores = []
     for name in task.composites:
         lo_hi = ci.get(name)
         scores.append(f"{name} {_fmt(m[name])}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""))
-    lines.append("   ".join([*scores, f"balanced accuracy {_fmt(m['balanced_accuracy'])}",
-                             f"accuracy {_fmt(m['accuracy'])}"]))
+    lines.append(
+        "   ".join(
+            [*scores, f"balanced accuracy {_fmt(m['balanced_accuracy'])}", f"accuracy {_fmt(m['accuracy'])}"]
+        )
+    )
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ validation, `evaluate`, `predict` and the benchmarks, so all of them score image
   after preprocessing and pushed through the model as one forward pass;
 - `gather_predictions`: every rank's predictions by sample id, checked for duplicates.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,16 +59,27 @@ def read_temperature(ckpt: str | Path) -> float:
 
 def check_classes(info: dict, data_classes: list[str], ckpt, data) -> None:
     if list(info["classes"]) != list(data_classes):
-        raise UsageError(f"checkpoint {ckpt} was trained on classes {info['classes']} but {data} has "
-                         f"{data_classes}; evaluate it on data packed with the same class list")
+        raise UsageError(
+            f"checkpoint {ckpt} was trained on classes {info['classes']} but {data} has "
+            f"{data_classes}; evaluate it on data packed with the same class list"
+        )
 
 
 def build_preprocess(info: dict, device):
     """The deterministic eval transform of training (the same module, so train and eval match)."""
     from lesionkit.augment import build_augment
 
-    return build_augment("none", info["image_size"], info["mean"], info["std"],
-                         color_constancy=bool(info.get("color_constancy", False))).eval().to(device)
+    return (
+        build_augment(
+            "none",
+            info["image_size"],
+            info["mean"],
+            info["std"],
+            color_constancy=bool(info.get("color_constancy", False)),
+        )
+        .eval()
+        .to(device)
+    )
 
 
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
@@ -84,8 +96,14 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_logits(model, loader, device, preprocess, tta: str = "none",
-                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+def predict_logits(
+    model,
+    loader,
+    device,
+    preprocess,
+    tta: str = "none",
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+):
     """(keys, labels int64 [N], logits float32 [N, V, C]) for every batch of `loader` on this process."""
     model.eval()
     keys, labels, logits = [], [], []

@@ -9,6 +9,7 @@ Three label formats are recognised from the CSV header:
 Every problem is collected (not just the first) so one run tells the user everything that is wrong;
 `collect(skip_bad=True)` turns the per-sample problems into a skipped list instead of an error.
 """
+
 from __future__ import annotations
 
 import math
@@ -93,7 +94,7 @@ def _binary(value: str) -> int | None:
 
 
 def _one_hot(df: pd.DataFrame, columns: list[str], ids: pd.Series, classes: list[str], nevus_default: bool):
-    """Per row: the one positive column's class index, or a problem. `nevus_default`: no positive = class 0."""
+    """Per row: the one positive column's class index, or a problem (`nevus_default`: none = class 0)."""
     labels, problems = [], []
     for sample_id, row in zip(ids, df[columns].itertuples(index=False, name=None)):
         values = [_binary(v) for v in row]
@@ -156,14 +157,17 @@ def parse_labels(csv: str | Path) -> tuple[pd.DataFrame, list[str], str, list[tu
         labels, problems = _one_hot(df, label_cols, ids, classes, nevus_default=False)
     else:
         raise IngestError(
-            f"{path}: missing label columns; expected {id_col},label or {id_col},melanoma,seborrheic_keratosis "
-            f"or {id_col},<one column per class>; found columns: {', '.join(df.columns)}"
+            f"{path}: missing label columns; expected {id_col},label or "
+            f"{id_col},melanoma,seborrheic_keratosis or {id_col},<one column per class>; "
+            f"found columns: {', '.join(df.columns)}"
         )
     table = pd.DataFrame({"id": ids, "label": labels})
     table["label_name"] = [classes[i] for i in labels]
     problems += [(i, "empty id") for i in ids[ids == ""]]
-    problems += [(i, "id contains '.', '/' or whitespace (breaks tar member names)")
-                 for i in ids[ids.str.contains(r"[./\\\s]", regex=True)]]
+    problems += [
+        (i, "id contains '.', '/' or whitespace (breaks tar member names)")
+        for i in ids[ids.str.contains(r"[./\\\s]", regex=True)]
+    ]
     dup = ids[ids.duplicated(keep=False) & (ids != "")]
     problems += [(i, "duplicate id") for i in dup.unique()]
     return table, classes, fmt, problems
@@ -215,12 +219,15 @@ def read_metadata(csv: str | Path) -> dict[str, dict]:
     if dup:
         raise IngestError(f"{path}: duplicate ids in metadata: {name_some(dup)}")
     columns = [c for c in df.columns if c != id_col]
-    return {i: {c: _value(v.strip()) for c, v in zip(columns, row)}
-            for i, row in zip(ids, df[columns].itertuples(index=False, name=None))}
+    return {
+        i: {c: _value(v.strip()) for c, v in zip(columns, row)}
+        for i, row in zip(ids, df[columns].itertuples(index=False, name=None))
+    }
 
 
-def collect(images: str | Path, labels: str | Path, metadata: str | Path | None = None,
-            skip_bad: bool = False) -> Samples:
+def collect(
+    images: str | Path, labels: str | Path, metadata: str | Path | None = None, skip_bad: bool = False
+) -> Samples:
     """Join labels, image files and metadata; raise IngestError naming every bad sample unless skip_bad.
 
     Image files whose id is not in the CSV are not an error (returned in `unlisted` for a warning):

@@ -4,6 +4,7 @@ and read by every reader (loader, evaluate, stats). One module, so writer and re
 manifest.json holds `format_version`, `classes`, `num_samples`, `counts` (per class), `shards` (name,
 num_samples, counts, bytes, sha256 each), the pack `params` (stored `size`, ...), `sources`, `skipped`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,10 @@ def read_manifest(location: str | Path) -> dict:
         raise UsageError(f"{url}: unreadable manifest ({exc})") from exc
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
-        raise UsageError(f"{url}: shard format_version {version!r} is not supported (this lesionkit reads "
-                         f"{FORMAT_VERSION}); repack with `lesionkit pack`")
+        raise UsageError(
+            f"{url}: shard format_version {version!r} is not supported (this lesionkit reads "
+            f"{FORMAT_VERSION}); repack with `lesionkit pack`"
+        )
     missing = [k for k in ("classes", "num_samples", "shards") if k not in manifest]
     if missing:
         raise UsageError(f"{url}: manifest lacks {', '.join(missing)}")
@@ -53,8 +56,10 @@ def dataset_info(locations) -> tuple[list[str], dict[str, int], int]:
             classes, first = list(manifest["classes"]), folder
             counts = dict.fromkeys(classes, 0)
         elif list(manifest["classes"]) != classes:
-            raise UsageError(f"shard folders disagree on the classes: {first} has {classes}, "
-                             f"{folder} has {manifest['classes']}")
+            raise UsageError(
+                f"shard folders disagree on the classes: {first} has {classes}, "
+                f"{folder} has {manifest['classes']}"
+            )
         for name, n in manifest.get("counts", {}).items():
             counts[name] += int(n)
         total += int(manifest["num_samples"])

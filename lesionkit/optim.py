@@ -12,6 +12,7 @@ passed through `accelerator.prepare`:
 
 To have a scheduler saved by `accelerator.save_state`, use `accelerator.register_for_checkpointing`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -66,8 +67,9 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, mode: str = "max"):
     if name == "step":
         return lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     if name == "plateau":
-        return lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode,
-                                              factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+        return lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
     if name == "cosine":
         warmup = cfg.warmup_epochs
         if not 0 <= warmup < cfg.epochs:
@@ -75,8 +77,9 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, mode: str = "max"):
         cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs - warmup, eta_min=0.0)
         if warmup == 0:
             return cosine
-        linear = lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), end_factor=1.0,
-                                       total_iters=warmup)
+        linear = lr_scheduler.LinearLR(
+            optimizer, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup
+        )
         return lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
     raise ValueError(f"scheduler={name!r} is not one of: {', '.join(SCHEDULERS)}")
 

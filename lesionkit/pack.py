@@ -10,6 +10,7 @@ coefficients, which skips most of the work for 1-20 MP ISIC photos (see `lesionk
 The output appears all at once or not at all: everything is written to a temp folder beside OUT
 (`atomic.staged_dir`) and renamed into place at the end; on any error or Ctrl-C it is removed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -95,7 +96,7 @@ def _ignore_sigint() -> None:
 def _encoded(tasks: list[tuple[str, str]], size: int, quality: int, draft: bool, workers: int):
     """Yield (id, jpeg, w, h, error) in task order. At most 2 chunks per worker are in flight, so
     memory stays flat however many images there are (Pool.imap would buffer results unboundedly)."""
-    chunks = [tasks[i:i + CHUNK] for i in range(0, len(tasks), CHUNK)]
+    chunks = [tasks[i : i + CHUNK] for i in range(0, len(tasks), CHUNK)]
     if workers <= 1:
         for chunk in chunks:
             yield from _encode_chunk(chunk, size, quality, draft)
@@ -127,8 +128,9 @@ def _header_problems(table) -> list[dict]:
     return bad
 
 
-def _write_shards(folder: Path, samples, classes: list[str], shard_size: int, skip_bad: bool,
-                  skipped: list[dict], progress) -> list[dict]:
+def _write_shards(
+    folder: Path, samples, classes: list[str], shard_size: int, skip_bad: bool, skipped: list[dict], progress
+) -> list[dict]:
     """Stream encoded samples into shard tars of `shard_size` samples; return the shard records."""
     import webdataset as wds  # imports torch: only here, after the worker pool has forked
 
@@ -150,13 +152,28 @@ def _write_shards(folder: Path, samples, classes: list[str], shard_size: int, sk
                 skipped.append({"id": sample_id, "reason": error})
                 continue
             if writer is None:
-                record = {"name": SHARD_NAME.format(len(shards)), "num_samples": 0,
-                          "counts": dict.fromkeys(classes, 0)}
+                record = {
+                    "name": SHARD_NAME.format(len(shards)),
+                    "num_samples": 0,
+                    "counts": dict.fromkeys(classes, 0),
+                }
                 writer = wds.TarWriter(str(folder / record["name"]), mtime=TAR_MTIME)
-            info = {"id": sample_id, "label": label, "label_name": classes[label],
-                    "width": width, "height": height, "meta": meta}
-            writer.write({"__key__": sample_id, "jpg": jpeg, "cls": str(label).encode("ascii"),
-                          "json": json.dumps(info, ensure_ascii=False).encode("utf-8")})
+            info = {
+                "id": sample_id,
+                "label": label,
+                "label_name": classes[label],
+                "width": width,
+                "height": height,
+                "meta": meta,
+            }
+            writer.write(
+                {
+                    "__key__": sample_id,
+                    "jpg": jpeg,
+                    "cls": str(label).encode("ascii"),
+                    "json": json.dumps(info, ensure_ascii=False).encode("utf-8"),
+                }
+            )
             record["num_samples"] += 1
             record["counts"][classes[label]] += 1
             if record["num_samples"] == shard_size:
@@ -175,18 +192,32 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def pack(images: str | Path, labels: str | Path, out: str | Path, size: int = 256, quality: int = 95,
-         shard_size: int = 1000, workers: int | None = None, seed: int = 0, skip_bad: bool = False,
-         force: bool = False, metadata: str | Path | None = None, draft: bool = True,
-         progress: bool = False) -> dict:
+def pack(
+    images: str | Path,
+    labels: str | Path,
+    out: str | Path,
+    size: int = 256,
+    quality: int = 95,
+    shard_size: int = 1000,
+    workers: int | None = None,
+    seed: int = 0,
+    skip_bad: bool = False,
+    force: bool = False,
+    metadata: str | Path | None = None,
+    draft: bool = True,
+    progress: bool = False,
+) -> dict:
     """Pack `images` + `labels` into shards in `out`; return the manifest (also written to out/manifest.json).
 
     Raises IngestError/PackError naming the bad samples; then `out` is untouched and no temp is left.
     `draft=False` decodes at full resolution (the naive baseline `lesionkit bench pack` compares to).
     """
     out = Path(out).absolute()
-    for name, value, low, high in (("size", size, 1, 1 << 16), ("quality", quality, 1, 100),
-                                   ("shard_size", shard_size, 1, 1 << 31)):
+    for name, value, low, high in (
+        ("size", size, 1, 1 << 16),
+        ("quality", quality, 1, 100),
+        ("shard_size", shard_size, 1, 1 << 31),
+    ):
         if not low <= value <= high:
             raise PackError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
     workers = default_workers() if workers is None else workers
@@ -197,14 +228,21 @@ def pack(images: str | Path, labels: str | Path, out: str | Path, size: int = 25
 
     found = collect(images, labels, metadata=metadata, skip_bad=skip_bad)
     if found.unlisted:
-        log.warning("warning: %d image file(s) in %s are not in %s and are not packed: %s",
-                    len(found.unlisted), images, labels, name_some(found.unlisted))
+        log.warning(
+            "warning: %d image file(s) in %s are not in %s and are not packed: %s",
+            len(found.unlisted),
+            images,
+            labels,
+            name_some(found.unlisted),
+        )
     table, classes, skipped = found.table, found.classes, found.skipped
     unreadable = _header_problems(table)
     if unreadable and not skip_bad:
-        raise PackError(f"{len(unreadable)} unreadable image(s):\n  "
-                        + "\n  ".join(f"{b['id']}: {b['reason']}" for b in unreadable[:10])
-                        + (f"\n  ... and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""))
+        raise PackError(
+            f"{len(unreadable)} unreadable image(s):\n  "
+            + "\n  ".join(f"{b['id']}: {b['reason']}" for b in unreadable[:10])
+            + (f"\n  ... and {len(unreadable) - 10} more" if len(unreadable) > 10 else "")
+        )
     skipped += unreadable
     table = table[~table["id"].isin({b["id"] for b in unreadable})]
     table = table.iloc[np.random.default_rng(seed).permutation(len(table))]  # every shard mixes classes
@@ -230,10 +268,20 @@ def pack(images: str | Path, labels: str | Path, out: str | Path, size: int = 25
             "num_samples": sum(s["num_samples"] for s in shards),
             "counts": counts,
             "shards": shards,
-            "params": {"size": size, "quality": quality, "shard_size": shard_size, "seed": seed,
-                       "draft": draft, "skip_bad": skip_bad, "resample": "lanczos"},
-            "sources": {"images": str(Path(images).absolute()), "labels": str(Path(labels).absolute()),
-                        "metadata": str(Path(metadata).absolute()) if metadata is not None else None},
+            "params": {
+                "size": size,
+                "quality": quality,
+                "shard_size": shard_size,
+                "seed": seed,
+                "draft": draft,
+                "skip_bad": skip_bad,
+                "resample": "lanczos",
+            },
+            "sources": {
+                "images": str(Path(images).absolute()),
+                "labels": str(Path(labels).absolute()),
+                "metadata": str(Path(metadata).absolute()) if metadata is not None else None,
+            },
             "skipped": skipped,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # staged_dir fsyncs the folder

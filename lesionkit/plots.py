@@ -3,6 +3,7 @@
 Uses matplotlib's object API (`Figure` + its Agg canvas), so no display, no global pyplot state and
 no backend switching is needed on headless nodes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,9 @@ def roc_figure(labels, probs, classes, path: str | Path, title: str = "ROC (one 
         else:
             ax.plot([], [], label=f"{name} (AUC undefined)")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", xlim=(0, 1), ylim=(0, 1.01),
-           title=title)
+    ax.set(
+        xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", xlim=(0, 1), ylim=(0, 1.01), title=title
+    )
     ax.legend(loc="lower right", fontsize="small")
     return _save(fig, path)
 
@@ -49,8 +51,15 @@ def confusion_figure(confusion, classes, path: str | Path) -> Path:
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, f"{int(cm[i, j])}\n{norm[i, j]:.0%}", ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(cm[i, j])}\n{norm[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     ticks = range(len(classes))
     ax.set(xticks=ticks, yticks=ticks, xlabel="predicted (argmax)", ylabel="true", title="Confusion matrix")
     ax.set_xticklabels(classes, rotation=30, ha="right", fontsize=8)
@@ -66,8 +75,9 @@ def reliability_figure(labels, probs, path: str | Path, n_bins: int = 10) -> Pat
     used = b["count"] > 0
     fig = Figure(figsize=(5, 5.5))
     ax, axc = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.bar(centers[used], b["accuracy"][used], width=1 / n_bins, edgecolor="black", alpha=0.7,
-           label="accuracy")
+    ax.bar(
+        centers[used], b["accuracy"][used], width=1 / n_bins, edgecolor="black", alpha=0.7, label="accuracy"
+    )
     ax.plot([0, 1], [0, 1], color="grey", ls="--", label="perfect calibration")
     ax.plot(b["confidence"][used], b["accuracy"][used], "o-", color="C3", label="accuracy vs mean confidence")
     ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability (top label)")

@@ -4,6 +4,7 @@ Raw images get the preprocessing of packing + evaluation: EXIF-upright, shorter 
 image size (`pack.encode_image`, JPEG as in the shards), centre crop; then the checkpoint's normalisation
 (`inference.build_preprocess`). An unreadable file is reported, not raised, so one pass names them all.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,7 +40,7 @@ class ImageFolder(Dataset):
             image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
         h, w = image.shape[-2:]
         top, left = (h - self.size) // 2, (w - self.size) // 2
-        return image[:, top:top + self.size, left:left + self.size], key, ""
+        return image[:, top : top + self.size, left : left + self.size], key, ""
 
 
 def list_images(folder: Path) -> list[tuple[str, Path]]:

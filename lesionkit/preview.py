@@ -3,6 +3,7 @@
 Each row is one image from the shards: the eval-mode view (what validation sees), then N augmented
 draws of it. Reproducible with --seed.
 """
+
 from __future__ import annotations
 
 import io

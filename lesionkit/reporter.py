@@ -3,6 +3,7 @@ per-epoch table, the final line), W&B (through Accelerate's tracker) and the run
 (`metrics.json`, `world.json`, `status.json`). On other ranks every method is a no-op, so the loop calls
 them unconditionally.
 """
+
 from __future__ import annotations
 
 import sys
@@ -37,8 +38,11 @@ class Reporter:
         """Open the W&B run (same id on resume), then the start line, the table header and, on resume,
         the rows of the epochs already done."""
         if self.cfg.wandb:
-            self.accelerator.init_trackers(self.cfg.wandb_project, config=self.cfg.to_dict(), init_kwargs=tracking
-                                           .init_kwargs(self.run_dir, state.wandb_id, self.cfg.run_name))
+            self.accelerator.init_trackers(
+                self.cfg.wandb_project,
+                config=self.cfg.to_dict(),
+                init_kwargs=tracking.init_kwargs(self.run_dir, state.wandb_id, self.cfg.run_name),
+            )
             tracking.log_class_distribution(self.accelerator, counts)
         self.print(description)
         if self.main:
@@ -54,8 +58,14 @@ class Reporter:
 
     # ---- steps -----------------------------------------------------------------------------------------
     def progress(self, total: int, done: int, epoch: int):
-        return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
-                    disable=not self.main, file=sys.stdout)
+        return tqdm(
+            total=total,
+            initial=done,
+            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            leave=False,
+            disable=not self.main,
+            file=sys.stdout,
+        )
 
     def step(self, global_step: int, loss: float, lr: float) -> None:
         if self.main and global_step % 10 == 0:
@@ -65,20 +75,35 @@ class Reporter:
     def epoch(self, state, stats, metrics: dict, lr: float, seconds: float, val_y, val_p, classes) -> dict:
         """The epoch's table row (returned for the loop state's history): printed, logged, and the
         validation metrics written to metrics.json."""
-        row = {"epoch": state.epoch, "train_loss": stats.loss, "val_loss": metrics["loss"],
-               **{c: metrics.get(c) for c in self.columns[len(FIXED_COLUMNS):-len(RUN_COLUMNS)]},
-               "lr": lr, "data_wait": stats.data_wait, "time_s": seconds,
-               "corrupt": stats.skipped_corrupt, "nonfinite": stats.skipped_nonfinite}
+        row = {
+            "epoch": state.epoch,
+            "train_loss": stats.loss,
+            "val_loss": metrics["loss"],
+            **{c: metrics.get(c) for c in self.columns[len(FIXED_COLUMNS) : -len(RUN_COLUMNS)]},
+            "lr": lr,
+            "data_wait": stats.data_wait,
+            "time_s": seconds,
+            "corrupt": stats.skipped_corrupt,
+            "nonfinite": stats.skipped_nonfinite,
+        }
         if self.main:
             print(self._line(row), flush=True)
-            self.accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-                                 | {"epoch": state.epoch, "train/epoch_loss": row["train_loss"],
-                                    "train/data_wait_fraction": row["data_wait"],
-                                    "train/skipped_corrupt": row["corrupt"],
-                                    "train/skipped_nonfinite": row["nonfinite"]}, step=state.global_step)
+            self.accelerator.log(
+                {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+                | {
+                    "epoch": state.epoch,
+                    "train/epoch_loss": row["train_loss"],
+                    "train/data_wait_fraction": row["data_wait"],
+                    "train/skipped_corrupt": row["corrupt"],
+                    "train/skipped_nonfinite": row["nonfinite"],
+                },
+                step=state.global_step,
+            )
             tracking.log_eval_plots(self.accelerator, val_y, val_p, classes, state.global_step)
-            write_json(self.run_dir / "metrics.json", {"epoch": state.epoch, "best": state.best,
-                                                       "monitor": self.monitor.name, **metrics})
+            write_json(
+                self.run_dir / "metrics.json",
+                {"epoch": state.epoch, "best": state.best, "monitor": self.monitor.name, **metrics},
+            )
         return row
 
     # ---- end -------------------------------------------------------------------------------------------
@@ -86,15 +111,22 @@ class Reporter:
         """world.json (world size, each rank's weights digest), status.json, the closing lines."""
         if self.main:
             write_json(self.run_dir / "world.json", {"world_size": world_size, "weights_sha256": digests})
-            write_json(self.run_dir / "status.json", {"status": status, "epoch": state.epoch, "step": state.step,
-                                                      "best": state.best})
+            write_json(
+                self.run_dir / "status.json",
+                {"status": status, "epoch": state.epoch, "step": state.step, "best": state.best},
+            )
             if status == "completed" and state.history:
                 last = state.history[-1]
-                aucs = ", ".join(f"{k[4:]} {v:.3f}" for k, v in last.items()
-                                 if k.startswith("auc_") and k != "auc_macro" and v is not None)
-                self.print(f"done. best {self.monitor.name} {state.best:.4f}"
-                           + (f"; final validation AUCs: {aucs}" if aucs else "")
-                           + f"; checkpoints in {self.run_dir}/best, {self.run_dir}/last")
+                aucs = ", ".join(
+                    f"{k[4:]} {v:.3f}"
+                    for k, v in last.items()
+                    if k.startswith("auc_") and k != "auc_macro" and v is not None
+                )
+                self.print(
+                    f"done. best {self.monitor.name} {state.best:.4f}"
+                    + (f"; final validation AUCs: {aucs}" if aucs else "")
+                    + f"; checkpoints in {self.run_dir}/best, {self.run_dir}/last"
+                )
             note = tracking.describe(self.accelerator)
             if note:
                 print(note, flush=True)

@@ -5,6 +5,7 @@ the rank, the loader worker, the batch. That is what makes `--resume` (also mid-
 an uninterrupted run would have drawn. SeedSequence hashes its entropy words so nearby inputs (step 7 and
 step 8) give unrelated streams; `hash()` of a tuple or string tricks do not promise that.
 """
+
 from __future__ import annotations
 
 import random

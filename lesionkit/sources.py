@@ -4,6 +4,7 @@ front to back as streams, never seeked, so the tar reader works unchanged on any
 This is the seam for shards that are not local files (an `http(s)://` folder, `s3://`, the output of a
 `pipe:` command): `open_stream` and `read_bytes` are the only places that touch the bytes' origin.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,10 @@ def join(location: str | Path, name: str) -> str:
 
 def _local(url: str) -> Path:
     if is_remote(url):
-        raise UsageError(f"{url}: remote shard locations are not supported by this lesionkit; copy the shard "
-                         "folder to local or shared disk")
+        raise UsageError(
+            f"{url}: remote shard locations are not supported by this lesionkit; copy the shard "
+            "folder to local or shared disk"
+        )
     return Path(url)
 
 

@@ -5,6 +5,7 @@ monitor and its direction, the console table's metric columns and the submission
 Dataset names and label columns (the ISIC ones) live here and nowhere else. A shard folder's task is
 its manifest's `task` field, or is recognised from its classes.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,9 @@ class Task:
     classes: tuple[str, ...] | None  # None: any class list
     monitor: str  # default monitor
     columns: tuple[str, ...]  # metric columns of the trainer's per-epoch table
-    composites: dict[str, tuple[str, ...]] = field(default_factory=dict)  # score -> classes whose AUCs it averages
+    composites: dict[str, tuple[str, ...]] = field(
+        default_factory=dict
+    )  # score -> classes whose AUCs it averages
     id_column: str = "image"  # first column of the submission CSV
     submission_classes: tuple[str, ...] | None = None  # probability columns of the submission (None: all)
 
@@ -75,8 +78,10 @@ class Task:
         name = name or self.monitor
         valid = self.metric_names(classes)
         if name not in valid:
-            raise ConfigError(f"monitor {name!r} is not a metric of task {self.name} with classes {list(classes)}; "
-                              f"valid monitors: {', '.join(valid)}")
+            raise ConfigError(
+                f"monitor {name!r} is not a metric of task {self.name} with classes {list(classes)}; "
+                f"valid monitors: {', '.join(valid)}"
+            )
         return Monitor(name, "min" if name in MINIMIZED else "max")
 
     def table_columns(self, classes) -> list[str]:
@@ -89,7 +94,9 @@ class Task:
         wanted = list(self.submission_classes or classes)
         missing = [c for c in wanted if c not in classes]
         if missing:
-            raise UsageError(f"the {self.name} submission needs the classes {wanted}; the checkpoint has {classes}")
+            raise UsageError(
+                f"the {self.name} submission needs the classes {wanted}; the checkpoint has {classes}"
+            )
         probs = np.clip(np.asarray(probs, dtype=np.float64).reshape(len(keys), len(classes)), 0.0, 1.0)
         df = pd.DataFrame({self.id_column: list(keys), **{c: probs[:, classes.index(c)] for c in wanted}})
         return df.sort_values(self.id_column, kind="stable").reset_index(drop=True)
@@ -101,11 +108,18 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "isic2017": Task("isic2017", ISIC2017_CLASSES, monitor="isic2017_score",
-                     columns=("auc_melanoma", "auc_seborrheic_keratosis", "isic2017_score", "balanced_accuracy"),
-                     composites={"isic2017_score": ISIC2017_SCORED}, id_column="image_id",
-                     submission_classes=ISIC2017_SCORED),
-    "custom": Task("custom", None, monitor="auc_macro", columns=("auc_macro", "balanced_accuracy", "accuracy")),
+    "isic2017": Task(
+        "isic2017",
+        ISIC2017_CLASSES,
+        monitor="isic2017_score",
+        columns=("auc_melanoma", "auc_seborrheic_keratosis", "isic2017_score", "balanced_accuracy"),
+        composites={"isic2017_score": ISIC2017_SCORED},
+        id_column="image_id",
+        submission_classes=ISIC2017_SCORED,
+    ),
+    "custom": Task(
+        "custom", None, monitor="auc_macro", columns=("auc_macro", "balanced_accuracy", "accuracy")
+    ),
 }
 
 

@@ -4,6 +4,7 @@ calls them on the main process only (Accelerate's `log` is already main-process-
 Without `WANDB_API_KEY` (and no explicit `WANDB_MODE`), runs are written offline under the run
 folder and can be uploaded later with `wandb sync`.
 """
+
 from __future__ import annotations
 
 import os

@@ -15,6 +15,7 @@ Distributed rules this file keeps (each one is a known way to get silently wrong
 - every random draw of a step is seeded from (seed, epoch, step, rank) (`lesionkit.seeds`), so a resumed
   run replays exactly what the uninterrupted run would have done.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,8 +81,11 @@ class TrainerState:
         self.loop, self.scheduler, self.ema = loop, scheduler, ema
 
     def state_dict(self) -> dict:
-        return {"loop": dataclasses.asdict(self.loop), "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None}
+        return {
+            "loop": dataclasses.asdict(self.loop),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
 
     def load_state_dict(self, saved: dict) -> None:
         for key, value in saved["loop"].items():
@@ -175,7 +179,9 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
     for split in ("train", "val"):
         for d in getattr(cfg, split):
             if not (Path(d) / "manifest.json").is_file():
-                raise ConfigError(f"--{split} {d}: no manifest.json there (pack images with `lesionkit pack`)")
+                raise ConfigError(
+                    f"--{split} {d}: no manifest.json there (pack images with `lesionkit pack`)"
+                )
     classes, _, _ = dataset_info(cfg.train)
     if cfg.val and dataset_info(cfg.val)[0] != classes:
         raise ConfigError(f"class sets differ: --train has {classes}, --val has {dataset_info(cfg.val)[0]}")
@@ -184,10 +190,14 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
     if ckpt is not None:  # resuming into a run of another model or class set: say so now
         info = json.loads((ckpt / "info.json").read_text())
         if info["model"] != cfg.model:
-            raise ConfigError(f"--resume: {ckpt} is a {info['model']} checkpoint, not {cfg.model}; pass --model "
-                              f"{info['model']} or another --output-dir")
+            raise ConfigError(
+                f"--resume: {ckpt} is a {info['model']} checkpoint, not {cfg.model}; pass --model "
+                f"{info['model']} or another --output-dir"
+            )
         if info["classes"] != classes:
-            raise ConfigError(f"--resume: {ckpt} was trained on classes {info['classes']}, --train has {classes}")
+            raise ConfigError(
+                f"--resume: {ckpt} was trained on classes {info['classes']}, --train has {classes}"
+            )
     return monitor
 
 
@@ -212,8 +222,10 @@ def use_demo_data(cfg: TrainConfig) -> TrainConfig:
     from lesionkit.synth.demo_data import DEMO_SHARDS, ensure_demo_shards
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (DEMO_SHARDS / "val" / "manifest.json").exists():
-        raise ConfigError("no --train/--val and no demo shards yet; make them once with: python -m lesionkit.demo "
-                          "--prepare-only (or pass --train/--val)")
+        raise ConfigError(
+            "no --train/--val and no demo shards yet; make them once with: python -m lesionkit.demo "
+            "--prepare-only (or pass --train/--val)"
+        )
     train_dir, val_dir = ensure_demo_shards(DEMO_SHARDS)
     print(f"lesionkit: no --train/--val given; using the synthetic demo shards in {DEMO_SHARDS}/", flush=True)
     return dataclasses.replace(cfg, train=cfg.train or [str(train_dir)], val=cfg.val or [str(val_dir)])
@@ -278,31 +290,67 @@ def build(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> TrainContex
     model = prepare_model(model, channels_last=cfg.channels_last, compile=cfg.compile)
     model, optimizer = accelerator.prepare(model, build_optimizer(cfg, model))
     scheduler = build_scheduler(cfg, optimizer, monitor.mode)
-    ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) \
-        if cfg.ema_decay else None
+    ema = (
+        AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+        if cfg.ema_decay
+        else None
+    )
 
     mean, std = input_stats(cfg.model)
-    placement = cfg.augment_placement if cfg.augment_placement != "auto" else choose_placement(device.type,
-                                                                                                 cfg.augment)
-    augment = build_augment(cfg.augment, cfg.image_size, mean, std, color_constancy=cfg.color_constancy,
-                            **cfg.augment_overrides)
+    placement = (
+        cfg.augment_placement
+        if cfg.augment_placement != "auto"
+        else choose_placement(device.type, cfg.augment)
+    )
+    augment = build_augment(
+        cfg.augment, cfg.image_size, mean, std, color_constancy=cfg.color_constancy, **cfg.augment_overrides
+    )
     preprocess = build_augment("none", cfg.image_size, mean, std, color_constancy=cfg.color_constancy)
     state = LoopState(best=monitor.worst)
     accelerator.register_for_checkpointing(TrainerState(state, scheduler, ema))
     return TrainContext(
-        cfg=cfg, accelerator=accelerator, task=task, monitor=monitor, classes=classes, counts=counts,
-        model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
-        augment=augment.to(device) if placement == "device" else None, preprocess=preprocess.eval().to(device),
+        cfg=cfg,
+        accelerator=accelerator,
+        task=task,
+        monitor=monitor,
+        classes=classes,
+        counts=counts,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema,
+        augment=augment.to(device) if placement == "device" else None,
+        preprocess=preprocess.eval().to(device),
         mixup=build_mixup(len(classes), cfg.mixup_alpha, cfg.cutmix_alpha),
         class_weights=class_weight_tensor(counts, classes).to(device) if cfg.class_weights else None,
-        train_loader=train_loader(cfg.train, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                                  workers=cfg.workers, seed=cfg.seed, epoch=0, rank=rank, world_size=world,
-                                  shuffle_buffer=cfg.shuffle_buffer, balanced=cfg.balanced,
-                                  batch_transform=augment if placement == "workers" else None,
-                                  skip_corrupt=cfg.skip_corrupt, max_batches=cfg.max_steps_per_epoch),
-        val_loader=eval_loader(cfg.val, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                               workers=cfg.workers, rank=rank, world_size=world) if cfg.val else None,
-        placement=placement, state=state, reporter=Reporter(accelerator, cfg, task.table_columns(classes), monitor),
+        train_loader=train_loader(
+            cfg.train,
+            image_size=cfg.image_size,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            seed=cfg.seed,
+            epoch=0,
+            rank=rank,
+            world_size=world,
+            shuffle_buffer=cfg.shuffle_buffer,
+            balanced=cfg.balanced,
+            batch_transform=augment if placement == "workers" else None,
+            skip_corrupt=cfg.skip_corrupt,
+            max_batches=cfg.max_steps_per_epoch,
+        ),
+        val_loader=eval_loader(
+            cfg.val,
+            image_size=cfg.image_size,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            rank=rank,
+            world_size=world,
+        )
+        if cfg.val
+        else None,
+        placement=placement,
+        state=state,
+        reporter=Reporter(accelerator, cfg, task.table_columns(classes), monitor),
         stop=StopRequest(),
     )
 
@@ -325,8 +373,14 @@ def resume(ctx: TrainContext) -> None:
 def total(accelerator, *values) -> list[float]:
     """Sum a few numbers (floats, bools or 0-d device tensors) over all ranks in one collective; every
     rank gets the sums. One host-device sync however many values, so the loop pays one per step."""
-    t = torch.stack([v.float().reshape(()) if torch.is_tensor(v)  # device values stay there (no sync)
-                     else torch.full((), float(v), device=accelerator.device) for v in values])
+    t = torch.stack(
+        [
+            v.float().reshape(())
+            if torch.is_tensor(v)  # device values stay there (no sync)
+            else torch.full((), float(v), device=accelerator.device)
+            for v in values
+        ]
+    )
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="sum")
     return t.tolist()
@@ -350,14 +404,16 @@ def train_step(ctx: TrainContext, batch, epoch: int, step: int) -> tuple[float, 
         logits = forward(model, images, meta).float()
         loss = F.cross_entropy(logits, targets, weight=ctx.class_weights, label_smoothing=cfg.label_smoothing)
         # the step's only sync: every rank learns if any loss is non-finite or any rank must stop
-        bad, stops, loss_sum = total(accelerator, ~torch.isfinite(loss.detach()), ctx.stop.requested,
-                                     loss.detach())
+        bad, stops, loss_sum = total(
+            accelerator, ~torch.isfinite(loss.detach()), ctx.stop.requested, loss.detach()
+        )
         if bad:
             if not cfg.skip_nonfinite:
                 raise TrainingError(
                     f"non-finite loss at epoch {epoch} step {step} (global step {ctx.state.global_step}), "
                     f"lr {optimizer.param_groups[0]['lr']:.3g}, batch keys {list(batch.keys)[:8]}"
-                    " (the last good checkpoint is intact; --skip-nonfinite skips such steps)")
+                    " (the last good checkpoint is intact; --skip-nonfinite skips such steps)"
+                )
             optimizer.zero_grad(set_to_none=True)
         else:
             accelerator.backward(loss)
@@ -371,7 +427,7 @@ def train_step(ctx: TrainContext, batch, epoch: int, step: int) -> tuple[float, 
 
 
 def train_one_epoch(ctx: TrainContext, state: LoopState) -> EpochStats:
-    """One pass over the training stream; resuming a pre-empted epoch replays the stream up to `state.step`."""
+    """One pass over the training stream; a resumed pre-empted epoch replays the stream up to `state.step`."""
     ctx.model.train()
     stats, skip, corrupt_before = EpochStats(), state.step, ctx.train_loader.skipped
     pbar = ctx.reporter.progress(len(ctx.train_loader), skip, state.epoch)
@@ -388,7 +444,11 @@ def train_one_epoch(ctx: TrainContext, state: LoopState) -> EpochStats:
             stats.samples += len(batch.keys)
         state.step, state.global_step = step + 1, state.global_step + 1
         now = time.perf_counter()
-        stats.data_s, stats.compute_s, tick = stats.data_s + t_data - tick, stats.compute_s + now - t_data, now
+        stats.data_s, stats.compute_s, tick = (
+            stats.data_s + t_data - tick,
+            stats.compute_s + now - t_data,
+            now,
+        )
         pbar.update(1)
         pbar.set_postfix(loss=f"{loss:.3f}")
         ctx.reporter.step(state.global_step, loss, ctx.optimizer.param_groups[0]["lr"])
@@ -404,12 +464,20 @@ def validate(ctx: TrainContext):
     """(metrics, labels, probs): every validation sample scored exactly once across ranks (averaging
     `val_tta` views, as `evaluate --tta` does); every rank gets the same metrics."""
     model = ctx.ema.module if ctx.ema is not None else ctx.model
-    keys, labels, logits = predict_logits(model, ctx.val_loader, ctx.accelerator.device, ctx.preprocess,
-                                          ctx.cfg.val_tta, autocast=ctx.accelerator.autocast)
+    keys, labels, logits = predict_logits(
+        model,
+        ctx.val_loader,
+        ctx.accelerator.device,
+        ctx.preprocess,
+        ctx.cfg.val_tta,
+        autocast=ctx.accelerator.autocast,
+    )
     _, y, logits = gather_predictions(ctx.accelerator, keys, labels, logits)
     if not np.isfinite(logits).all():  # every rank sees the same gathered outputs, so all stop here together
-        raise TrainingError("validation outputs are not finite: the weights diverged (lower --lr or set "
-                            "--clip-grad; the last good checkpoint is intact)")
+        raise TrainingError(
+            "validation outputs are not finite: the weights diverged (lower --lr or set "
+            "--clip-grad; the last good checkpoint is intact)"
+        )
     p = softmax_views(logits)
     metrics = ctx.task.metrics(y, p, ctx.classes)
     metrics["loss"] = metrics["nll"]  # cross-entropy of the (view-averaged) probabilities
@@ -424,19 +492,36 @@ def save_checkpoint(ctx: TrainContext, metrics: dict, best: bool) -> None:
     try:
         accelerator.save_state(str(staging))
         if accelerator.is_main_process:
-            weights = (ctx.ema.module if ctx.ema is not None else accelerator.unwrap_model(ctx.model)).state_dict()
+            weights = (
+                ctx.ema.module if ctx.ema is not None else accelerator.unwrap_model(ctx.model)
+            ).state_dict()
             mean, std = input_stats(cfg.model)
-            checkpoint.write_inference_files(staging, {k: v.cpu() for k, v in weights.items()}, cfg, {
-                "classes": ctx.classes, "task": ctx.task.name, "model": cfg.model, "image_size": cfg.image_size,
-                "mean": list(mean), "std": list(std), "color_constancy": cfg.color_constancy,
-                "epoch": state.epoch, "step": state.step, "monitor": ctx.monitor.name, "metrics": metrics,
-                "wandb_id": state.wandb_id,
-            })
+            checkpoint.write_inference_files(
+                staging,
+                {k: v.cpu() for k, v in weights.items()},
+                cfg,
+                {
+                    "classes": ctx.classes,
+                    "task": ctx.task.name,
+                    "model": cfg.model,
+                    "image_size": cfg.image_size,
+                    "mean": list(mean),
+                    "std": list(std),
+                    "color_constancy": cfg.color_constancy,
+                    "epoch": state.epoch,
+                    "step": state.step,
+                    "monitor": ctx.monitor.name,
+                    "metrics": metrics,
+                    "wandb_id": state.wandb_id,
+                },
+            )
     except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, size limit (torch, safetensors)
         shutil.rmtree(staging, ignore_errors=True)
         why = e.strerror if isinstance(e, OSError) else str(e).strip().splitlines()[0]
-        raise TrainingError(f"could not write checkpoint {name} in {staging.parent} ({why}): disk full or not "
-                            f"writable? {ctx.run_dir}/last is unchanged") from None
+        raise TrainingError(
+            f"could not write checkpoint {name} in {staging.parent} ({why}): disk full or not "
+            f"writable? {ctx.run_dir}/last is unchanged"
+        ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.publish(ctx.run_dir, name, best=best)
@@ -464,9 +549,13 @@ def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> int:
     if cfg.resume:
         resume(ctx)
     state.wandb_id = state.wandb_id or tracking.new_run_id()
-    ctx.reporter.start(state, ctx.counts, f"{cfg.model} on {accelerator.num_processes} x {accelerator.device.type}, "
-                       f"mixed precision {accelerator.mixed_precision}, augment {cfg.augment} on {ctx.placement}, "
-                       f"classes {ctx.classes}, train {sum(ctx.counts.values())} samples")
+    ctx.reporter.start(
+        state,
+        ctx.counts,
+        f"{cfg.model} on {accelerator.num_processes} x {accelerator.device.type}, "
+        f"mixed precision {accelerator.mixed_precision}, augment {cfg.augment} on {ctx.placement}, "
+        f"classes {ctx.classes}, train {sum(ctx.counts.values())} samples",
+    )
     status = "completed"
     while state.epoch < cfg.epochs:
         t0 = time.perf_counter()
@@ -478,8 +567,10 @@ def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> int:
         if stats.stopped:
             save_checkpoint(ctx, {}, best=False)
             ctx.stop.ignore_repeats()
-            ctx.reporter.print(f"stop requested; saved {ctx.run_dir}/last at epoch {state.epoch} step {state.step}; "
-                               "rerun with --resume to continue")
+            ctx.reporter.print(
+                f"stop requested; saved {ctx.run_dir}/last at epoch {state.epoch} step {state.step}; "
+                "rerun with --resume to continue"
+            )
             status = "preempted"
             break
         metrics, val_y, val_p = validate(ctx)
@@ -488,12 +579,16 @@ def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> int:
         improved = ctx.monitor.better(score, state.best)
         state.best, state.bad_epochs = (score, 0) if improved else (state.best, state.bad_epochs + 1)
         state.epoch, state.step = state.epoch + 1, 0
-        row = ctx.reporter.epoch(state, stats, metrics, lr, time.perf_counter() - t0, val_y, val_p, ctx.classes)
+        row = ctx.reporter.epoch(
+            state, stats, metrics, lr, time.perf_counter() - t0, val_y, val_p, ctx.classes
+        )
         state.history.append(row)
         save_checkpoint(ctx, metrics, best=improved)
         if cfg.early_stop_patience and state.bad_epochs >= cfg.early_stop_patience:
-            ctx.reporter.print(f"early stopping at epoch {state.epoch}: {ctx.monitor.name} has not improved for "
-                               f"{state.bad_epochs} epochs (best {state.best:.4f})")
+            ctx.reporter.print(
+                f"early stopping at epoch {state.epoch}: {ctx.monitor.name} has not improved for "
+                f"{state.bad_epochs} epochs (best {state.best:.4f})"
+            )
             break
 
     from accelerate.utils import gather_object

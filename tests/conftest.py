@@ -1,4 +1,5 @@
 """Shared test helpers: tiny shard folders in the contract's format, written with webdataset directly."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,17 @@ from PIL import Image
 CLASSES = ["nevus", "melanoma", "seborrheic_keratosis"]
 
 
-def make_shards(folder, n: int, num_shards: int, size: int = 32, classes=CLASSES, labels=None,
-                corrupt=(), prefix: str = "ISIC_", seed: int = 0) -> dict:
+def make_shards(
+    folder,
+    n: int,
+    num_shards: int,
+    size: int = 32,
+    classes=CLASSES,
+    labels=None,
+    corrupt=(),
+    prefix: str = "ISIC_",
+    seed: int = 0,
+) -> dict:
     """Write `n` samples into `num_shards` nearly equal shards + manifest.json; return the manifest.
 
     Images are `size` x `size * 5 // 4` (shorter side = size, like pack output), labels round-robin
@@ -36,19 +46,45 @@ def make_shards(folder, n: int, num_shards: int, size: int = 32, classes=CLASSES
                 buf = io.BytesIO()
                 Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
                 jpeg = b"not a jpeg" if i in corrupt else buf.getvalue()
-                info = {"id": key, "label": label, "label_name": classes[label], "width": size * 5 // 4,
-                        "height": size, "meta": {}}
-                sink.write({"__key__": key, "jpg": jpeg, "cls": str(label).encode("ascii"),
-                            "json": json.dumps(info).encode("utf-8")})
+                info = {
+                    "id": key,
+                    "label": label,
+                    "label_name": classes[label],
+                    "width": size * 5 // 4,
+                    "height": size,
+                    "meta": {},
+                }
+                sink.write(
+                    {
+                        "__key__": key,
+                        "jpg": jpeg,
+                        "cls": str(label).encode("ascii"),
+                        "json": json.dumps(info).encode("utf-8"),
+                    }
+                )
                 counts[classes[label]] += 1
         data = (folder / name).read_bytes()
-        shards.append({"name": name, "num_samples": len(idx), "bytes": len(data),
-                       "sha256": hashlib.sha256(data).hexdigest(), "counts": counts})
+        shards.append(
+            {
+                "name": name,
+                "num_samples": len(idx),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "counts": counts,
+            }
+        )
     totals = {c: sum(sh["counts"][c] for sh in shards) for c in classes}
-    manifest = {"format_version": 1, "lesionkit_version": "0.1.0", "classes": list(classes), "num_samples": n,
-                "counts": totals, "shards": shards,
-                "params": {"size": size, "quality": 90, "shard_size": -(-n // num_shards), "seed": seed},
-                "sources": {"images": "synthetic", "labels": "synthetic", "metadata": None}, "skipped": []}
+    manifest = {
+        "format_version": 1,
+        "lesionkit_version": "0.1.0",
+        "classes": list(classes),
+        "num_samples": n,
+        "counts": totals,
+        "shards": shards,
+        "params": {"size": size, "quality": 90, "shard_size": -(-n // num_shards), "seed": seed},
+        "sources": {"images": "synthetic", "labels": "synthetic", "metadata": None},
+        "skipped": [],
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 

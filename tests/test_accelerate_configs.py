@@ -1,4 +1,5 @@
 """The shipped accelerate configs parse as accelerate reads them, and cpu_ddp.yaml really is DDP."""
+
 import json
 import os
 import subprocess
@@ -47,9 +48,21 @@ def test_multi_node_template_uses_c10d_rendezvous():
 def test_cpu_ddp_config_gives_two_synchronised_processes(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [str(ACCELERATE), "launch", "--config_file", str(CONFIGS / "cpu_ddp.yaml"), "--main_process_port", "0",
-         str(ROOT / "tests" / "slurm" / "world.py"), str(tmp_path)],
-        check=False, env=env, capture_output=True, text=True, timeout=240,
+        [
+            str(ACCELERATE),
+            "launch",
+            "--config_file",
+            str(CONFIGS / "cpu_ddp.yaml"),
+            "--main_process_port",
+            "0",
+            str(ROOT / "tests" / "slurm" / "world.py"),
+            str(tmp_path),
+        ],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     worlds = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("world-*.json"))]

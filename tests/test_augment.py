@@ -1,4 +1,5 @@
-"""Batch augmentation: presets, every op's on/off switch, colour constancy, hair, mixup/cutmix, seeds, preview."""
+"""Batch augmentation: presets, each op's switch, colour constancy, hair, mixup/cutmix, seeds, preview."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ UNIT = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # no normalization: outputs stay in [
 
 
 def _batch(b=4, h=64, w=64, seed=0) -> torch.Tensor:
-    """uint8 images with structure (a blob on a gradient) plus texture, so every op has something to change."""
+    """uint8 images with structure (a blob on a gradient) and texture, so every op has something to change."""
     g = torch.Generator().manual_seed(seed)
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     blob = (-(xs**2 + ys**2) * 3).exp()
@@ -59,7 +60,9 @@ def test_each_op_changes_the_image_at_p1_and_leaves_it_at_p0(op):
     reference = build_augment("none", 64, *UNIT).eval()(x)
     changed = build_augment("none", 64, *UNIT, **_only(op, 1.0))(x, seed=0)
     assert changed.shape == reference.shape
-    assert (changed - reference).abs().amax(dim=(1, 2, 3)).min() > 0.01, f"{op} at p=1 left a sample unchanged"
+    assert (changed - reference).abs().amax(dim=(1, 2, 3)).min() > 0.01, (
+        f"{op} at p=1 left a sample unchanged"
+    )
     untouched = build_augment("none", 64, *UNIT, **_only(op, 0.0))(x, seed=0)
     assert torch.equal(untouched, reference)
     # p=0 inside an active pipeline: only the other (exact) op acts
@@ -181,30 +184,84 @@ def test_cutmix_box_matches_lambda_and_one_of_two_is_chosen():
 def test_preview_aug_writes_a_png_grid(tmp_path, capsys):
     make_shards(tmp_path / "shards", 6, 2, size=40)
     out = tmp_path / "grid" / "preview.png"
-    rc = cli.main(["preview-aug", "--data", str(tmp_path / "shards"), "--preset", "derm", "--out", str(out),
-                   "--n", "2", "--rows", "3", "--image-size", "32", "--set", "hair.p=1"])
+    rc = cli.main(
+        [
+            "preview-aug",
+            "--data",
+            str(tmp_path / "shards"),
+            "--preset",
+            "derm",
+            "--out",
+            str(out),
+            "--n",
+            "2",
+            "--rows",
+            "3",
+            "--image-size",
+            "32",
+            "--set",
+            "hair.p=1",
+        ]
+    )
     assert rc == 0 and "wrote" in capsys.readouterr().out
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out) as im:
-        assert im.format == "PNG" and im.size == (3 * (32 + 4) + 4, 3 * (32 + 26 + 4) + 4)  # 3x3 cells + titles
+        assert im.format == "PNG" and im.size == (
+            3 * (32 + 4) + 4,
+            3 * (32 + 26 + 4) + 4,
+        )  # 3x3 cells + titles
     assert [p.name for p in out.parent.iterdir()] == ["preview.png"]  # no temp file left
     assert cli.main(["preview-aug", "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert re.search(r"lesionkit preview-aug: error: .*not found", capsys.readouterr().err)
-    assert cli.main(["preview-aug", "--data", str(tmp_path / "shards"), "--out", str(out), "--set", "hairs.p=1"]) == 2
+    assert (
+        cli.main(["preview-aug", "--data", str(tmp_path / "shards"), "--out", str(out), "--set", "hairs.p=1"])
+        == 2
+    )
     assert "unknown augmentation op 'hairs'" in capsys.readouterr().err
 
 
 def test_bench_aug_reports_presets_beside_a_step_and_both_placements(tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
-    rc = cli.main(["bench", "aug", "--device", "cpu", "--batch-size", "2", "--image-size", "32", "--repeats", "1",
-                   "--presets", "none", "derm", "--placement-batches", "1", "--workers", "1", "--threads", "1",
-                   "--out", str(out)])
+    rc = cli.main(
+        [
+            "bench",
+            "aug",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "32",
+            "--repeats",
+            "1",
+            "--presets",
+            "none",
+            "derm",
+            "--placement-batches",
+            "1",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     aug, placement = (json.loads(line) for line in out.read_text().splitlines())
-    assert aug["bench"] == "aug" and list(aug["cases"]) == ["none", "derm", "derm, stock kornia", "resnet18 step"]
+    assert aug["bench"] == "aug" and list(aug["cases"]) == [
+        "none",
+        "derm",
+        "derm, stock kornia",
+        "resnet18 step",
+    ]
     assert all(row["ms_per_batch"] > 0 for row in aug["cases"].values())
     assert aug["cases"]["resnet18 step"]["share_of_step"] == 1.0
-    assert placement["bench"] == "aug-placement" and set(placement["cases"]) == {"step only", "device", "workers"}
+    assert placement["bench"] == "aug-placement" and set(placement["cases"]) == {
+        "step only",
+        "device",
+        "workers",
+    }
     assert placement["params"]["faster"] in ("device", "workers")
     assert placement["params"]["choose_placement"] == "workers"
     assert "% of a step" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """`lesionkit bench step|e2e|pack|memory` (the top-level `benchmarks` package): each prints its table and
 appends one valid JSON line, and memory does not grow with the number of samples (the CI-sized version of
 `bench memory`)."""
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,13 @@ def one_thread(monkeypatch):
 
 def test_bench_help_lists_every_benchmark_and_imports_none_of_them():
     """`lesionkit bench` imports only the benchmark it runs: its help loads no torch."""
-    code = ("import sys\nfrom lesionkit.cli import main\ntry:\n    main(['bench', '--help'])\n"
-            "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60)
+    code = (
+        "import sys\nfrom lesionkit.cli import main\ntry:\n    main(['bench', '--help'])\n"
+        "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     listed = re.findall(r"^    (\S+)", res.stdout, re.MULTILINE)  # the subcommand lines of the help
     assert listed == ["loader", "aug", "step", "e2e", "pack", "memory"], res.stdout
@@ -44,11 +49,37 @@ def test_bench_help_lists_every_benchmark_and_imports_none_of_them():
 
 def test_bench_step_times_precisions_and_layouts_beside_fp32(tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
-    assert main(["bench", "step", "customnet", "--device", "cpu", "--image-size", "64", "--batch-size", "2",
-                 "--steps", "1", "--repeats", "1", "--no-compile", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "step",
+                "customnet",
+                "--device",
+                "cpu",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "2",
+                "--steps",
+                "1",
+                "--repeats",
+                "1",
+                "--no-compile",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = last_record(out)
     assert record["bench"] == "step" and record["baseline"] == "fp32"
-    assert list(record["cases"]) == ["fp32", "bf16 autocast", "fp32, channels_last", "bf16 autocast, channels_last"]
+    assert list(record["cases"]) == [
+        "fp32",
+        "bf16 autocast",
+        "fp32, channels_last",
+        "bf16 autocast, channels_last",
+    ]
     assert record["cases"]["fp32"]["ratio"] == 1.0 and all(c["items"] == 2 for c in record["cases"].values())
     assert record["params"]["model"] == "customnet" and record["params"]["device_name"]
     assert "torch" in record["params"] and "host" in record
@@ -60,11 +91,38 @@ def test_bench_e2e_runs_the_trainer_loop_on_shards_beside_the_step(tmp_path, cap
     data = tmp_path / "shards"
     make_shards(data, n=48, num_shards=2, size=64)
     out = tmp_path / "bench.jsonl"
-    assert main(["bench", "e2e", "customnet", "--data", str(data), "--device", "cpu", "--image-size", "64",
-                 "--batch-size", "8", "--steps", "2", "--workers", "1", "--preset", "light", "--repeats", "1",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "e2e",
+                "customnet",
+                "--data",
+                str(data),
+                "--device",
+                "cpu",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+                "--steps",
+                "2",
+                "--workers",
+                "1",
+                "--preset",
+                "light",
+                "--repeats",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = last_record(out)
-    assert record["bench"] == "e2e" and record["baseline"] == "step" and set(record["cases"]) == {"step", "e2e"}
+    assert (
+        record["bench"] == "e2e" and record["baseline"] == "step" and set(record["cases"]) == {"step", "e2e"}
+    )
     assert all(c["items"] == 16 for c in record["cases"].values())  # 2 steps x 8 images
     assert 0 <= record["cases"]["e2e"]["data_wait"] <= 1
     assert record["params"]["placement"] == "workers" and record["params"]["precision"] == "fp32"
@@ -85,11 +143,30 @@ def synthetic(tmp_path_factory):
     return root / "ISIC-2017_Training_Data", root / "ISIC-2017_Training_Part3_GroundTruth.csv"
 
 
+@pytest.mark.slow
 def test_bench_pack_compares_draft_with_full_decode_and_reports_peak_memory(synthetic, tmp_path, capsys):
     images, labels = synthetic
     out = tmp_path / "bench.jsonl"
-    assert main(["bench", "pack", str(images), "--labels", str(labels), "--size", "32", "--workers", "1",
-                 "--repeats", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "pack",
+                str(images),
+                "--labels",
+                str(labels),
+                "--size",
+                "32",
+                "--workers",
+                "1",
+                "--repeats",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = last_record(out)
     assert record["bench"] == "pack" and record["baseline"] == "full decode"
     for case in record["cases"].values():
@@ -100,8 +177,29 @@ def test_bench_pack_compares_draft_with_full_decode_and_reports_peak_memory(synt
 @pytest.mark.slow
 def test_memory_of_packing_and_streaming_does_not_grow_with_the_data(tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
-    assert main(["bench", "memory", "--small", "200", "--large", "2000", "--size", "32", "--workers", "2",
-                 "--shard-size", "100", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "memory",
+                "--small",
+                "200",
+                "--large",
+                "2000",
+                "--size",
+                "32",
+                "--workers",
+                "2",
+                "--shard-size",
+                "100",
+                "--workdir",
+                str(tmp_path),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = last_record(out)
     assert record["results"]["200"]["streamed"] >= 200 and record["results"]["2000"]["streamed"] >= 2000
     assert record["results"]["2000"]["samples"] == 2000

@@ -1,4 +1,5 @@
 """The `lesionkit` command itself: help lists every subcommand with its one-line description."""
+
 import os
 import subprocess
 import sys
@@ -7,8 +8,14 @@ from lesionkit.cli import COMMANDS
 
 
 def lesionkit(*args):
-    return subprocess.run([sys.executable, "-m", "lesionkit.cli", *args], capture_output=True, text=True, check=False,
-                          timeout=60, env=dict(os.environ, COLUMNS="250"))
+    return subprocess.run(
+        [sys.executable, "-m", "lesionkit.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=dict(os.environ, COLUMNS="250"),
+    )
 
 
 def test_help_lists_every_subcommand_with_a_description():

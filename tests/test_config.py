@@ -1,5 +1,6 @@
 """`lesionkit train` configuration, in-process: flags, recipes, monitors and data checks fail with one line
 and exit 2 before any process group starts; --help and --print-config come from the config dataclass."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,16 @@ def shards(tmp_path_factory):
 
 
 def train(shards, tmp_path, *flags, train_dir=None, val_dir=None) -> list[str]:
-    return [*TINY, "--train", str(train_dir or shards / "train"), "--val", str(val_dir or shards / "val"),
-            "--output-dir", str(tmp_path / "run"), *map(str, flags)]
+    return [
+        *TINY,
+        "--train",
+        str(train_dir or shards / "train"),
+        "--val",
+        str(val_dir or shards / "val"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        *map(str, flags),
+    ]
 
 
 def one_error(capsys, rc: int, *needles: str) -> str:
@@ -43,8 +52,10 @@ CASES = {
     "batch size 0": (["--batch-size", "0"], ["batch_size must be >= 1, got 0"]),
     "image size 8": (["--image-size", "8"], ["image_size must be within 32..2048, got 8"]),
     "unknown recipe": (["--config", "resnet19"], ["resnet19", "packaged recipes:", "resnet18"]),
-    "unknown monitor": (["--monitor", "isic2071_score"], ["monitor 'isic2071_score'", "valid monitors:",
-                                                          "isic2017_score", "auc_melanoma", "loss"]),
+    "unknown monitor": (
+        ["--monitor", "isic2071_score"],
+        ["monitor 'isic2071_score'", "valid monitors:", "isic2017_score", "auc_melanoma", "loss"],
+    ),
     "bad augment op": (["--augment-overrides", "{hairs: {p: 1}}"], ["unknown augmentation op 'hairs'"]),
 }
 
@@ -59,14 +70,23 @@ def test_bad_flag_is_one_line_listing_choices(shards, tmp_path, capsys, case):
 def test_a_choice_outside_the_list_is_refused_by_the_parser(shards, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_command("train", train(shards, tmp_path, "--optimizer", "lamb"))
-    assert exc.value.code == 2 and "invalid choice: 'lamb' (choose from 'sgd', 'adam', 'adamw')" in capsys.readouterr().err
+    assert (
+        exc.value.code == 2
+        and "invalid choice: 'lamb' (choose from 'sgd', 'adam', 'adamw')" in capsys.readouterr().err
+    )
 
 
 def test_recipe_typo_names_the_key_and_lists_valid_keys(shards, tmp_path, capsys):
     recipe = tmp_path / "typo.yaml"
     recipe.write_text("model: customnet\nlearning_rate: 0.1\n")
-    one_error(capsys, run_command("train", train(shards, tmp_path, "--config", recipe)), str(recipe),
-              "unknown key(s) learning_rate", "valid keys:", " lr,")
+    one_error(
+        capsys,
+        run_command("train", train(shards, tmp_path, "--config", recipe)),
+        str(recipe),
+        "unknown key(s) learning_rate",
+        "valid keys:",
+        " lr,",
+    )
 
 
 def test_missing_shard_folder_and_class_mismatch(shards, tmp_path, capsys):
@@ -80,14 +100,16 @@ def test_missing_shard_folder_and_class_mismatch(shards, tmp_path, capsys):
 def test_resume_into_another_model_or_class_set(shards, tmp_path, capsys):
     ckpt = tmp_path / "run" / "checkpoints" / "epoch-0001"
     ckpt.mkdir(parents=True)
-    (ckpt / "info.json").write_text(json.dumps({"model": "customnet", "classes": ["nevus", "melanoma",
-                                                                                  "seborrheic_keratosis"]}))
+    (ckpt / "info.json").write_text(
+        json.dumps({"model": "customnet", "classes": ["nevus", "melanoma", "seborrheic_keratosis"]})
+    )
     (tmp_path / "run" / "last").symlink_to("checkpoints/epoch-0001")
     rc = run_command("train", train(shards, tmp_path, "--resume", "--model", "resnet18"))
     one_error(capsys, rc, "--resume", "customnet checkpoint, not resnet18", "--model customnet")
     make_shards(tmp_path / "two", 4, 2, classes=["nevus", "melanoma"])
-    rc = run_command("train", train(shards, tmp_path, "--resume", train_dir=tmp_path / "two",
-                                    val_dir=tmp_path / "two"))
+    rc = run_command(
+        "train", train(shards, tmp_path, "--resume", train_dir=tmp_path / "two", val_dir=tmp_path / "two")
+    )
     one_error(capsys, rc, "--resume", "'seborrheic_keratosis'", "['nevus', 'melanoma']")
 
 

@@ -1,4 +1,5 @@
 """The shard reader in one process: shapes, epoch length, coverage, balancing, errors."""
+
 import json
 import logging
 import random
@@ -14,7 +15,9 @@ from lesionkit.errors import CorruptDataError, UsageError
 from lesionkit.manifest import dataset_info, read_manifest
 
 # torchvision 0.29 marks its JPEG decoder deprecated (in favour of TorchCodec); it is still the fastest here.
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities:DeprecationWarning"
+)
 
 
 def _ids(n):
@@ -37,8 +40,17 @@ def shards(tmp_path_factory):
 
 
 def test_train_batches_are_full_uint8_cover_the_data_and_reshuffle_each_epoch(shards):
-    loader = train_loader(shards, image_size=32, batch_size=8, workers=2, seed=0, epoch=0, rank=0,
-                          world_size=1, shuffle_buffer=16)
+    loader = train_loader(
+        shards,
+        image_size=32,
+        batch_size=8,
+        workers=2,
+        seed=0,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        shuffle_buffer=16,
+    )
     epochs = []
     for _ in range(2):
         batches = list(loader)
@@ -53,8 +65,13 @@ def test_train_batches_are_full_uint8_cover_the_data_and_reshuffle_each_epoch(sh
 
 
 def test_train_resizes_and_crops_to_the_training_size(shards):
-    images = next(iter(train_loader(shards, image_size=20, batch_size=4, workers=0, seed=0, epoch=0,
-                                          rank=0, world_size=1))).images
+    images = next(
+        iter(
+            train_loader(
+                shards, image_size=20, batch_size=4, workers=0, seed=0, epoch=0, rank=0, world_size=1
+            )
+        )
+    ).images
     assert images.shape == (4, 3, 20, 20)
 
 
@@ -62,7 +79,15 @@ def test_same_seed_and_epoch_give_the_same_stream_and_set_epoch_jumps(shards):
     def keys(loader):
         return [k for b in loader for k in b.keys]
 
-    kw = {"image_size": 32, "batch_size": 8, "workers": 0, "seed": 3, "rank": 0, "world_size": 1, "shuffle_buffer": 16}
+    kw = {
+        "image_size": 32,
+        "batch_size": 8,
+        "workers": 0,
+        "seed": 3,
+        "rank": 0,
+        "world_size": 1,
+        "shuffle_buffer": 16,
+    }
     at3 = keys(train_loader(shards, epoch=3, **kw))
     assert keys(train_loader(shards, epoch=3, **kw)) == at3
     loader = train_loader(shards, epoch=0, **kw)
@@ -76,8 +101,16 @@ def test_ranks_get_equal_batch_counts_and_together_cover_every_sample(tmp_path, 
     make_shards(tmp_path, 70, 7)  # unequal shards (10 each) over 2 or 3 ranks: some ranks pad
     seen, lengths = [], []
     for rank in range(world_size):
-        loader = train_loader(tmp_path, image_size=32, batch_size=4, workers=0, seed=1, epoch=2, rank=rank,
-                              world_size=world_size)
+        loader = train_loader(
+            tmp_path,
+            image_size=32,
+            batch_size=4,
+            workers=0,
+            seed=1,
+            epoch=2,
+            rank=rank,
+            world_size=world_size,
+        )
         batches = list(loader)
         lengths += [len(loader), len(batches)]
         seen += [k for b in batches for k in b.keys]
@@ -87,14 +120,32 @@ def test_ranks_get_equal_batch_counts_and_together_cover_every_sample(tmp_path, 
 
 def test_max_batches_caps_the_epoch_on_every_rank(shards):
     for rank in range(2):
-        loader = train_loader(shards, image_size=32, batch_size=4, workers=0, seed=0, epoch=0, rank=rank,
-                              world_size=2, max_batches=3)
+        loader = train_loader(
+            shards,
+            image_size=32,
+            batch_size=4,
+            workers=0,
+            seed=0,
+            epoch=0,
+            rank=rank,
+            world_size=2,
+            max_batches=3,
+        )
         assert len(loader) == 3 == len(list(loader))
 
 
 def test_batch_transform_runs_in_the_workers(shards):
-    loader = train_loader(shards, image_size=32, batch_size=8, workers=2, seed=0, epoch=0, rank=0,
-                          world_size=1, batch_transform=_halve)
+    loader = train_loader(
+        shards,
+        image_size=32,
+        batch_size=8,
+        workers=2,
+        seed=0,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        batch_transform=_halve,
+    )
     images = next(iter(loader)).images
     assert images.dtype == torch.float32 and images.max() <= 127.5
 
@@ -118,20 +169,35 @@ def test_balanced_mode_draws_classes_equally_or_by_weight(tmp_path):
     labels = [0] * 140 + [1] * 40 + [2] * 20  # 70/20/10 %, shuffled as `lesionkit pack` does
     random.Random(0).shuffle(labels)
     make_shards(tmp_path, 200, 4, size=16, labels=labels, seed=1)
-    kw = {"image_size": 16, "batch_size": 16, "workers": 2, "seed": 0, "epoch": 0, "rank": 0, "world_size": 1, "balanced": True}
+    kw = {
+        "image_size": 16,
+        "batch_size": 16,
+        "workers": 2,
+        "seed": 0,
+        "epoch": 0,
+        "rank": 0,
+        "world_size": 1,
+        "balanced": True,
+    }
     loader = train_loader(tmp_path, **kw)
-    drawn = Counter(l for _ in range(2) for b in loader for l in b.labels.tolist())
+    drawn = Counter(y for _ in range(2) for b in loader for y in b.labels.tolist())
     total = sum(drawn.values())  # 2 epochs x 13 batches x 16 = 416 draws: sd of a share ~0.023
     assert all(abs(drawn[c] / total - 1 / 3) < 0.1 for c in range(3)), drawn
-    weighted = Counter(l for _, ls, _, _ in train_loader(tmp_path, **{**kw, "workers": 0, "class_weights": [1, 0, 3]})
-                       for l in ls.tolist())
+    weighted = Counter(
+        y
+        for _, ls, _, _ in train_loader(tmp_path, **{**kw, "workers": 0, "class_weights": [1, 0, 3]})
+        for y in ls.tolist()
+    )
     assert weighted[1] == 0 and 2 < weighted[2] / weighted[0] < 4.5, weighted
 
 
 def test_too_few_shards_for_ranks_times_workers_is_a_clear_error(tmp_path):
     make_shards(tmp_path, 12, 3)
-    with pytest.raises(ValueError, match=r"3 shard\(s\).*2 process\(es\) x 2 loader worker\(s\) need at least 4"
-                                         r".*--shard-size \(at most 3 for 12 samples\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"3 shard\(s\).*2 process\(es\) x 2 loader worker\(s\) need at least 4"
+        r".*--shard-size \(at most 3 for 12 samples\)",
+    ):
         train_loader(tmp_path, image_size=32, batch_size=2, workers=2, seed=0, epoch=0, rank=0, world_size=2)
 
 
@@ -191,17 +257,22 @@ def test_real_isic_validation_split_packed_then_read_back(isic_val):
     csv = ISIC_VAL_CSV
     table, classes = read_labels(csv)
     truth = dict(zip(table["id"], table["label"]))
-    assert dataset_info(isic_val) == (classes, {"nevus": 78, "melanoma": 30, "seborrheic_keratosis": 42},
-                                              150)
+    assert dataset_info(isic_val) == (classes, {"nevus": 78, "melanoma": 30, "seborrheic_keratosis": 42}, 150)
     read = {}
     for rank in range(2):
-        for images, labels, keys, _ in eval_loader(isic_val, image_size=32, batch_size=16, workers=2,
-                                                rank=rank, world_size=2):
+        for images, labels, keys, _ in eval_loader(
+            isic_val, image_size=32, batch_size=16, workers=2, rank=rank, world_size=2
+        ):
             assert images.shape[1:] == (3, 32, 32) and images.float().std() > 10  # real pixels, not blank
             read.update(zip(keys, labels.tolist()))
     assert read == truth
-    seen = {k for batch in train_loader(isic_val, image_size=28, batch_size=16, workers=2, seed=0, epoch=0,
-                                        rank=0, world_size=1) for k in batch.keys}
+    seen = {
+        k
+        for batch in train_loader(
+            isic_val, image_size=28, batch_size=16, workers=2, seed=0, epoch=0, rank=0, world_size=1
+        )
+        for k in batch.keys
+    }
     assert seen == set(truth)
 
 
@@ -221,8 +292,24 @@ def test_bench_loader_prints_shards_next_to_the_per_file_baseline(isic_val, tmp_
     from lesionkit.cli import main
 
     out = tmp_path / "bench.jsonl"
-    assert main(["bench", "loader", str(isic_val), "--workers", "2", "--batch-size", "10",
-                 "--repeats", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "loader",
+                str(isic_val),
+                "--workers",
+                "2",
+                "--batch-size",
+                "10",
+                "--repeats",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     assert record["bench"] == "loader" and record["params"]["num_samples"] == 150
     assert record["params"]["image_size"] == 32  # default: the size the shards were packed at

@@ -1,4 +1,5 @@
 """The shard reader under real 2-process CPU DDP (accelerate launch --multi_gpu with gloo on CPU)."""
+
 import json
 import os
 import socket
@@ -28,12 +29,26 @@ def test_two_ranks_equal_batches_cover_train_and_eval_exactly_once(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(SCRIPT), str(tmp_path / "shards"), str(out)]
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(SCRIPT),
+        str(tmp_path / "shards"),
+        str(out),
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -1,4 +1,5 @@
 """`lesionkit download isic2017` against a local HTTP server (127.0.0.1) serving zips built here."""
+
 from __future__ import annotations
 
 import hashlib
@@ -76,9 +77,11 @@ def server(tmp_path):
             for i in VAL_IDS:
                 zf.write(THUMBS / "ISIC-2017_Validation_Data" / f"{i}.jpg", f"{folder}/{i}.jpg")
             zf.writestr(f"{folder}/{i}_superpixels.png", b"not a sample")
-        (files / csv_name).write_text("image_id,melanoma,seborrheic_keratosis\n"
-                                      "ISIC_0001769,0.0,0.0\nISIC_0001852,0.0,0.0\n"
-                                      "ISIC_0001871,1.0,0.0\nISIC_0003462,0.0,1.0\n")
+        (files / csv_name).write_text(
+            "image_id,melanoma,seborrheic_keratosis\n"
+            "ISIC_0001769,0.0,0.0\nISIC_0001852,0.0,0.0\n"
+            "ISIC_0001871,1.0,0.0\nISIC_0003462,0.0,1.0\n"
+        )
     srv = Server(files)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -89,8 +92,23 @@ def server(tmp_path):
 
 def test_download_unpacks_official_layout_then_packs(server, tmp_path, capsys):
     root = tmp_path / "isic"
-    assert cli.main(["download", "isic2017", "--root", str(root), "--base-url", server.url,
-                     "--parts", "train,val", "--retries", "0"]) == 0
+    assert (
+        cli.main(
+            [
+                "download",
+                "isic2017",
+                "--root",
+                str(root),
+                "--base-url",
+                server.url,
+                "--parts",
+                "train,val",
+                "--retries",
+                "0",
+            ]
+        )
+        == 0
+    )
     for part in ("train", "val"):
         zip_name, csv_name = PARTS[part]
         images = root / zip_name.removesuffix(".zip")
@@ -106,9 +124,24 @@ def test_download_unpacks_official_layout_then_packs(server, tmp_path, capsys):
     assert len(server.requests) == seen  # idempotent: nothing fetched again
 
     out = tmp_path / "shards"
-    assert cli.main(["pack", "--images", str(root / "ISIC-2017_Training_Data"), "--labels",
-                     str(root / "ISIC-2017_Training_Part3_GroundTruth.csv"), "--out", str(out),
-                     "--workers", "0", "--size", "32"]) == 0
+    assert (
+        cli.main(
+            [
+                "pack",
+                "--images",
+                str(root / "ISIC-2017_Training_Data"),
+                "--labels",
+                str(root / "ISIC-2017_Training_Part3_GroundTruth.csv"),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+                "--size",
+                "32",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"nevus": 2, "melanoma": 1, "seborrheic_keratosis": 1}
 
@@ -136,8 +169,23 @@ def test_complete_part_file_is_finished_without_refetching(server, tmp_path):
 def test_truncated_download_is_a_clear_error_and_resumable(server, tmp_path, capsys):
     server.truncate = True
     root = tmp_path / "isic"
-    assert cli.main(["download", "isic2017", "--root", str(root), "--base-url", server.url,
-                     "--parts", "val", "--retries", "0"]) == 1
+    assert (
+        cli.main(
+            [
+                "download",
+                "isic2017",
+                "--root",
+                str(root),
+                "--base-url",
+                server.url,
+                "--parts",
+                "val",
+                "--retries",
+                "0",
+            ]
+        )
+        == 1
+    )
     message = capsys.readouterr().err
     assert "ISIC-2017_Validation_Part3_GroundTruth.csv" in message
     assert "connection ended at" in message and "run the command again to resume" in message

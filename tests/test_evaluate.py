@@ -3,6 +3,7 @@
 The checkpoint is built here in the contract layout (model.pt + info.json + config.yaml) from a
 seeded, untrained customnet: the tests check plumbing and exactness, not accuracy.
 """
+
 import json
 import os
 import shutil
@@ -37,9 +38,18 @@ def make_checkpoint(folder: Path, classes=CLASSES, model="customnet", image_size
     net = create_model(model, num_classes=len(classes))
     mean, std = input_stats(model)
     folder.mkdir(parents=True, exist_ok=True)
-    write_inference_files(folder, net.state_dict(), TrainConfig(model=model, image_size=image_size), {
-        "classes": list(classes), "model": model, "image_size": image_size, "mean": list(mean), "std": list(std),
-    })
+    write_inference_files(
+        folder,
+        net.state_dict(),
+        TrainConfig(model=model, image_size=image_size),
+        {
+            "classes": list(classes),
+            "model": model,
+            "image_size": image_size,
+            "mean": list(mean),
+            "std": list(std),
+        },
+    )
     return folder
 
 
@@ -47,11 +57,29 @@ def build_fixture(root: Path) -> dict:
     """Synthetic ISIC layout -> shards `test` (24, 4 shards) and `val` (16, 3 shards) + a checkpoint."""
     syn = root / "syn"
     synthesize(syn, 24, 16, size=64, seed=0, priors=(0.4, 0.3, 0.3), workers=1)
-    pack(syn / "ISIC-2017_Training_Data", syn / "ISIC-2017_Training_Part3_GroundTruth.csv", root / "test",
-                size=64, shard_size=7, workers=0)
-    pack(syn / "ISIC-2017_Validation_Data", syn / "ISIC-2017_Validation_Part3_GroundTruth.csv", root / "val",
-         size=64, shard_size=6, workers=0)
-    return {"root": root, "syn": syn, "test": root / "test", "val": root / "val", "ckpt": make_checkpoint(root / "ckpt")}
+    pack(
+        syn / "ISIC-2017_Training_Data",
+        syn / "ISIC-2017_Training_Part3_GroundTruth.csv",
+        root / "test",
+        size=64,
+        shard_size=7,
+        workers=0,
+    )
+    pack(
+        syn / "ISIC-2017_Validation_Data",
+        syn / "ISIC-2017_Validation_Part3_GroundTruth.csv",
+        root / "val",
+        size=64,
+        shard_size=6,
+        workers=0,
+    )
+    return {
+        "root": root,
+        "syn": syn,
+        "test": root / "test",
+        "val": root / "val",
+        "ckpt": make_checkpoint(root / "ckpt"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +88,19 @@ def fx(tmp_path_factory):
 
 
 def run_evaluate(fx, out, *extra):
-    argv = ["--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--out", str(out), "--workers", "0",
-            "--bootstrap", "200", *extra]
+    argv = [
+        "--checkpoint",
+        str(fx["ckpt"]),
+        "--data",
+        str(fx["test"]),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--bootstrap",
+        "200",
+        *extra,
+    ]
     assert run_command("evaluate", argv) == 0
     return json.loads((out / "metrics.json").read_text())
 
@@ -76,7 +115,13 @@ def test_metrics_equal_sklearn_on_written_predictions(fx, tmp_path):
     out = tmp_path / "ev"
     m = run_evaluate(fx, out, "--thresholds-from", str(fx["val"]))
     assert sorted(p.name for p in out.iterdir()) == [
-        "confusion.png", "metrics.json", "predictions.csv", "reliability.png", "roc.png", "thresholds.json"]
+        "confusion.png",
+        "metrics.json",
+        "predictions.csv",
+        "reliability.png",
+        "roc.png",
+        "thresholds.json",
+    ]
     df = pd.read_csv(out / "predictions.csv")
     assert list(df.columns) == ["image_id", "label", "label_name", *CLASSES]
     assert len(df) == m["n"] == 24 and df["image_id"].is_unique and df["image_id"].is_monotonic_increasing
@@ -89,10 +134,12 @@ def test_metrics_equal_sklearn_on_written_predictions(fx, tmp_path):
         assert lo <= m[f"auc_{name}"] <= hi
         assert m[f"n_{name}"] == int((y == c).sum())
         # thresholds come from the validation shards, not from the evaluated data
-        assert m[f"sens_thr_{name}"] == pytest.approx(((p[:, c] >= m[f"threshold_{name}"]) & (y == c)).sum()
-                                                      / (y == c).sum())
+        assert m[f"sens_thr_{name}"] == pytest.approx(
+            ((p[:, c] >= m[f"threshold_{name}"]) & (y == c)).sum() / (y == c).sum()
+        )
     assert m["isic2017_score"] == pytest.approx(
-        (skm.roc_auc_score(y == 1, p[:, 1]) + skm.roc_auc_score(y == 2, p[:, 2])) / 2)
+        (skm.roc_auc_score(y == 1, p[:, 1]) + skm.roc_auc_score(y == 2, p[:, 2])) / 2
+    )
     assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p.argmax(1)))
     assert m["confusion_matrix"] == skm.confusion_matrix(y, p.argmax(1), labels=[0, 1, 2]).tolist()
     assert m["thresholds_source"] == f"Youden's J on {fx['val']}" and m["world_size"] == 1
@@ -106,13 +153,38 @@ def test_metrics_equal_sklearn_on_written_predictions(fx, tmp_path):
 def test_two_processes_give_the_same_metrics(fx, tmp_path):
     one = run_evaluate(fx, tmp_path / "one", "--tta", "flips")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "lesionkit.evaluate",
-           "--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--out", str(tmp_path / "two"),
-           "--workers", "0", "--bootstrap", "200", "--tta", "flips"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          check=False)
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "lesionkit.evaluate",
+        "--checkpoint",
+        str(fx["ckpt"]),
+        "--data",
+        str(fx["test"]),
+        "--out",
+        str(tmp_path / "two"),
+        "--workers",
+        "0",
+        "--bootstrap",
+        "200",
+        "--tta",
+        "flips",
+    ]
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two.pop("world_size") == 2 and one.pop("world_size") == 1
@@ -155,15 +227,36 @@ def test_tta_on_orientation_invariant_input_equals_plain(fx):
 
 def test_fit_temperature_is_saved_and_applied(fx, tmp_path):
     ckpt = shutil.copytree(fx["ckpt"], tmp_path / "ckpt")
-    argv = ["--checkpoint", str(ckpt), "--data", str(fx["val"]), "--out", str(tmp_path / "val"), "--workers", "0",
-            "--bootstrap", "0", "--fit-temperature"]
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(fx["val"]),
+        "--out",
+        str(tmp_path / "val"),
+        "--workers",
+        "0",
+        "--bootstrap",
+        "0",
+        "--fit-temperature",
+    ]
     assert run_command("evaluate", argv) == 0
     saved = json.loads((ckpt / "temperature.json").read_text())
     fitted = json.loads((tmp_path / "val" / "metrics.json").read_text())
     assert saved["temperature"] == pytest.approx(fitted["temperature"]) and saved["temperature"] != 1.0
     assert "ci" not in fitted
-    argv = ["--checkpoint", str(ckpt), "--data", str(fx["val"]), "--out", str(tmp_path / "again"), "--workers",
-            "0", "--bootstrap", "0"]
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(fx["val"]),
+        "--out",
+        str(tmp_path / "again"),
+        "--workers",
+        "0",
+        "--bootstrap",
+        "0",
+    ]
     assert run_command("evaluate", argv) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["temperature"] == saved["temperature"] and again["nll"] == pytest.approx(fitted["nll"])
@@ -187,8 +280,24 @@ def _raw_images(fx, folder: Path) -> list[str]:
 def test_predict_images_writes_isic2017_submission(fx, tmp_path):
     ids = _raw_images(fx, tmp_path / "imgs")
     out = tmp_path / "sub" / "submission.csv"
-    assert run_command("predict", ["--checkpoint", str(fx["ckpt"]), "--images", str(tmp_path / "imgs"), "--out", str(out),
-                         "--workers", "0", "--tta", "flips"]) == 0
+    assert (
+        run_command(
+            "predict",
+            [
+                "--checkpoint",
+                str(fx["ckpt"]),
+                "--images",
+                str(tmp_path / "imgs"),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+                "--tta",
+                "flips",
+            ],
+        )
+        == 0
+    )
     df = pd.read_csv(out)
     assert list(df.columns) == ["image_id", "melanoma", "seborrheic_keratosis"]
     assert df["image_id"].tolist() == ids
@@ -199,8 +308,24 @@ def test_predict_images_writes_isic2017_submission(fx, tmp_path):
 def test_predict_shards_matches_evaluate(fx, tmp_path):
     m = run_evaluate(fx, tmp_path / "ev")
     out, truth = tmp_path / "sub.csv", tmp_path / "truth.csv"
-    assert run_command("predict", ["--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--out", str(out),
-                         "--truth-out", str(truth), "--workers", "0"]) == 0
+    assert (
+        run_command(
+            "predict",
+            [
+                "--checkpoint",
+                str(fx["ckpt"]),
+                "--data",
+                str(fx["test"]),
+                "--out",
+                str(out),
+                "--truth-out",
+                str(truth),
+                "--workers",
+                "0",
+            ],
+        )
+        == 0
+    )
     sub, gt = pd.read_csv(out), pd.read_csv(truth)
     assert sub["image_id"].tolist() == gt["image_id"].tolist() == sorted(sub["image_id"]) and len(sub) == 24
     for name in ("melanoma", "seborrheic_keratosis"):
@@ -222,21 +347,37 @@ def test_bad_input_names_culprit_and_writes_nothing(fx, tmp_path, case, capsys):
         expect = "trained on classes ['benign', 'malignant']"
     elif case == "model":  # a customnet state dict under a config that says customnet_bn
         ckpt = shutil.copytree(fx["ckpt"], tmp_path / "ck")
-        (ckpt / "config.yaml").write_text((ckpt / "config.yaml").read_text().replace(
-            "model: customnet", "model: customnet_bn"))
+        (ckpt / "config.yaml").write_text(
+            (ckpt / "config.yaml").read_text().replace("model: customnet", "model: customnet_bn")
+        )
         expect = f"{ckpt}: cannot load the model"
     else:
         ckpt = make_checkpoint(tmp_path / "ck", classes=["benign", "malignant"])
         expect = "the isic2017 submission needs the classes"
     out = tmp_path / "out" / "submission.csv"
-    src = ["--images", str(imgs)] if case in ("empty", "bad_image", "isic2017_classes") else ["--data", str(fx["test"])]
+    src = (
+        ["--images", str(imgs)]
+        if case in ("empty", "bad_image", "isic2017_classes")
+        else ["--data", str(fx["test"])]
+    )
     rc = run_command("predict", ["--checkpoint", str(ckpt), *src, "--out", str(out), "--workers", "0"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("lesionkit predict: error:") and expect in err, err
     assert not out.parent.exists()
     if case in ("classes", "model"):
-        rc = run_command("evaluate", ["--checkpoint", str(ckpt), "--data", str(fx["test"]), "--out",
-                                      str(tmp_path / "ev"), "--workers", "0"])
+        rc = run_command(
+            "evaluate",
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(fx["test"]),
+                "--out",
+                str(tmp_path / "ev"),
+                "--workers",
+                "0",
+            ],
+        )
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("lesionkit evaluate: error:") and expect in err, err
         assert not (tmp_path / "ev").exists() and not list(tmp_path.glob(".ev.tmp-*"))
@@ -249,8 +390,19 @@ def test_wandb_logs_into_the_checkpoint_training_run(fx, tmp_path, monkeypatch):
     (ckpt / "info.json").write_text(json.dumps({**info, "wandb_id": "lkeval0001"}))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    argv = ["--checkpoint", str(ckpt), "--data", str(fx["val"]), "--out", str(tmp_path / "ev"), "--workers", "0",
-            "--bootstrap", "0", "--wandb"]
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(fx["val"]),
+        "--out",
+        str(tmp_path / "ev"),
+        "--workers",
+        "0",
+        "--bootstrap",
+        "0",
+        "--wandb",
+    ]
     assert run_command("evaluate", argv) == 0
     (run_file,) = (run_dir / "wandb").glob("offline-run-*-lkeval0001/run-lkeval0001.wandb")
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -258,8 +410,12 @@ def test_wandb_logs_into_the_checkpoint_training_run(fx, tmp_path, monkeypatch):
     for rec in records(run_file):
         kind = rec.WhichOneof("record_type")
         if kind == "summary":
-            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in rec.summary.update})
+            summary.update(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in rec.summary.update
+                }
+            )
         elif kind == "history":
             images |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
     assert summary["eval/val/isic2017_score"] == pytest.approx(m["isic2017_score"])

@@ -3,6 +3,7 @@
 isic-challenge-scoring 5.6.0 pins an older stack (pandas<2.1, numpy<2) than lesionkit, so it lives in
 its own throwaway venv, built once per machine under a fixed path keyed on the version and reused.
 """
+
 import json
 import os
 import shutil
@@ -27,9 +28,21 @@ def scorer_python() -> Path:
     tmp = SCORER_VENV.with_name(f"{SCORER_VENV.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, timeout=300)
-    subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    f"isic-challenge-scoring=={SCORER_VERSION}", "pandas<2.1", "numpy<2"],
-                   check=True, timeout=600)
+    subprocess.run(
+        [
+            str(tmp / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            f"isic-challenge-scoring=={SCORER_VERSION}",
+            "pandas<2.1",
+            "numpy<2",
+        ],
+        check=True,
+        timeout=600,
+    )
     (tmp / ".ready").touch()
     try:
         tmp.rename(SCORER_VENV)
@@ -43,16 +56,69 @@ def test_official_scorer_matches_lesionkit_metrics(tmp_path):
     python = scorer_python()
     fx = build_fixture(tmp_path / "fx")
     pred, truth = tmp_path / "pred.csv", tmp_path / "truth.csv"
-    assert run_command("predict", ["--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--format", "isic-scoring",
-                         "--truth-out", str(truth), "--out", str(pred), "--workers", "0", "--tta", "flips"]) == 0
+    assert (
+        run_command(
+            "predict",
+            [
+                "--checkpoint",
+                str(fx["ckpt"]),
+                "--data",
+                str(fx["test"]),
+                "--format",
+                "isic-scoring",
+                "--truth-out",
+                str(truth),
+                "--out",
+                str(pred),
+                "--workers",
+                "0",
+                "--tta",
+                "flips",
+            ],
+        )
+        == 0
+    )
     assert pred.read_text().splitlines()[0] == "image," + ",".join(CLASSES)
-    assert run_command("evaluate", ["--checkpoint", str(fx["ckpt"]), "--data", str(fx["test"]), "--out", str(tmp_path / "ev"),
-                          "--workers", "0", "--bootstrap", "0", "--tta", "flips"]) == 0
+    assert (
+        run_command(
+            "evaluate",
+            [
+                "--checkpoint",
+                str(fx["ckpt"]),
+                "--data",
+                str(fx["test"]),
+                "--out",
+                str(tmp_path / "ev"),
+                "--workers",
+                "0",
+                "--bootstrap",
+                "0",
+                "--tta",
+                "flips",
+            ],
+        )
+        == 0
+    )
     ours = json.loads((tmp_path / "ev" / "metrics.json").read_text())
 
-    proc = subprocess.run([str(python), "-m", "isic_challenge_scoring", "-o", "json", "classification",
-                           str(truth), str(pred), "-m", "auc"], capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "isic_challenge_scoring",
+            "-o",
+            "json",
+            "classification",
+            str(truth),
+            str(pred),
+            "-m",
+            "auc",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     official = json.loads(proc.stdout)
     per_category = official["per_category"]

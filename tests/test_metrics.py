@@ -1,4 +1,5 @@
 """metrics.py against sklearn and hand-computed values; plots are real PNGs."""
+
 import json
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Model registry: every model builds and runs, weights files load (or fail clearly), the offline
 EfficientNet-Lite0 ImageNet weights are mapped correctly (it recognises natural photos)."""
+
 import logging
 import os
 import subprocess
@@ -22,8 +23,17 @@ from lesionkit.models import (
     prepare_model,
 )
 
-ALL = ["alexnet", "customnet", "customnet_bn", "densenet121", "efficientnet_b0", "efficientnet_lite0",
-       "resnet18", "resnet34", "resnet50"]
+ALL = [
+    "alexnet",
+    "customnet",
+    "customnet_bn",
+    "densenet121",
+    "efficientnet_b0",
+    "efficientnet_lite0",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+]
 
 
 def test_list_models():
@@ -129,16 +139,24 @@ def test_bad_weights_files(tmp_path):
         create_model("customnet", weights=tmp_path / "missing.pt")
 
 
+@pytest.mark.slow
 def test_pretrained_download_without_internet_fails_clearly(tmp_path):
     """No mocks: a fresh process with an empty torch cache and a proxy that refuses connections
     (so the result is the same on machines that do have internet)."""
-    env = dict(os.environ, TORCH_HOME=str(tmp_path), https_proxy="http://127.0.0.1:9",
-               HTTPS_PROXY="http://127.0.0.1:9")
-    code = ("from lesionkit.models import create_model\n"
-            "try:\n    create_model('resnet18', pretrained=True)\n"
-            "except RuntimeError as e:\n    print(e)\n    raise SystemExit(3)\n")
-    proc = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
-                          timeout=120)
+    env = dict(
+        os.environ,
+        TORCH_HOME=str(tmp_path),
+        https_proxy="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+    )
+    code = (
+        "from lesionkit.models import create_model\n"
+        "try:\n    create_model('resnet18', pretrained=True)\n"
+        "except RuntimeError as e:\n    print(e)\n    raise SystemExit(3)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 3, proc.stderr
     assert "could not download the ImageNet weights for resnet18" in proc.stdout
     assert "No internet here?" in proc.stdout and "--weights PATH" in proc.stdout

@@ -1,4 +1,5 @@
 """Optimizer/scheduler factories: the study's recipes give the LR they should at each epoch."""
+
 import dataclasses
 import itertools
 import math
@@ -11,8 +12,9 @@ from lesionkit.optim import build_optimizer, build_scheduler, step_scheduler
 
 
 def _model():
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                               torch.nn.LazyLinear(3))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(3)
+    )
 
 
 def _setup(mode="max", **overrides):
@@ -37,7 +39,12 @@ def test_sgd_recipe():
     opt = build_optimizer(cfg, torch.nn.Linear(4, 3).parameters())
     assert isinstance(opt, torch.optim.SGD)
     group = opt.param_groups[0]
-    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (1e-3, 0.9, False, 0.0)
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (
+        1e-3,
+        0.9,
+        False,
+        0.0,
+    )
 
 
 @pytest.mark.parametrize("name,cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
@@ -46,7 +53,9 @@ def test_adam_weight_decay_spares_biases_and_norms(name, cls):
     model(torch.randn(1, 3, 5, 5))  # materialise the lazy layer
     for p in model[1].parameters():
         p.requires_grad_(False)  # frozen parameters stay in the optimizer for later unfreezing
-    opt = build_optimizer(dataclasses.replace(TrainConfig(), optimizer=name, lr=3e-4, weight_decay=0.05), model)
+    opt = build_optimizer(
+        dataclasses.replace(TrainConfig(), optimizer=name, lr=3e-4, weight_decay=0.05), model
+    )
     assert isinstance(opt, cls)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
@@ -63,7 +72,9 @@ def test_step_lr_study_recipe():
 
 
 def test_plateau_reduces_after_patience_epochs_without_improvement():
-    opt, sched = _setup(optimizer="adam", lr=1e-3, scheduler="plateau", plateau_patience=2, plateau_factor=0.1)
+    opt, sched = _setup(
+        optimizer="adam", lr=1e-3, scheduler="plateau", plateau_patience=2, plateau_factor=0.1
+    )
     # best at epoch 1; epochs 2, 3 are tolerated (patience 2); the 3rd flat epoch (4) reduces the LR
     lrs = _lrs(opt, sched, 7, metrics=[0.5, 0.6, 0.6, 0.59, 0.6, 0.7, 0.7])
     assert lrs == pytest.approx([1e-3] * 5 + [1e-4] * 2)

@@ -1,4 +1,5 @@
 """Packing real ISIC images into shards, read back with plain tarfile / webdataset (not lesionkit)."""
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,9 @@ FULLRES = DATA / "isic2017-fullres-sample"
 def csv_labels(csv: Path) -> dict[str, int]:
     """ISIC 2017 Part 3 ground truth -> id -> class index (nevus 0, melanoma 1, sk 2), by hand."""
     df = pd.read_csv(csv)
-    return {r.image_id: 1 if r.melanoma == 1 else 2 if r.seborrheic_keratosis == 1 else 0
-            for r in df.itertuples()}
+    return {
+        r.image_id: 1 if r.melanoma == 1 else 2 if r.seborrheic_keratosis == 1 else 0 for r in df.itertuples()
+    }
 
 
 def tar_samples(folder: Path) -> dict[str, dict[str, bytes]]:
@@ -44,10 +46,23 @@ def tar_samples(folder: Path) -> dict[str, dict[str, bytes]]:
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("val") / "val"
-    code = cli.main(["pack", "--images", str(THUMBS / "ISIC-2017_Validation_Data"),
-                     "--labels", str(THUMBS / "ISIC-2017_Validation_Part3_GroundTruth.csv"),
-                     "--metadata", str(THUMBS / "ISIC-2017_Validation_Data_metadata.csv"),
-                     "--out", str(out), "--shard-size", "40", "--workers", "2"])
+    code = cli.main(
+        [
+            "pack",
+            "--images",
+            str(THUMBS / "ISIC-2017_Validation_Data"),
+            "--labels",
+            str(THUMBS / "ISIC-2017_Validation_Part3_GroundTruth.csv"),
+            "--metadata",
+            str(THUMBS / "ISIC-2017_Validation_Data_metadata.csv"),
+            "--out",
+            str(out),
+            "--shard-size",
+            "40",
+            "--workers",
+            "2",
+        ]
+    )
     assert code == 0
     return out
 
@@ -116,9 +131,14 @@ def test_draft_decoding_matches_full_decode():
 
 
 def test_same_seed_gives_identical_shards_whatever_the_workers(tmp_path, val_shards):
-    again = pack(THUMBS / "ISIC-2017_Validation_Data", THUMBS / "ISIC-2017_Validation_Part3_GroundTruth.csv",
-                 tmp_path / "again", shard_size=40, workers=0,
-                 metadata=THUMBS / "ISIC-2017_Validation_Data_metadata.csv")
+    again = pack(
+        THUMBS / "ISIC-2017_Validation_Data",
+        THUMBS / "ISIC-2017_Validation_Part3_GroundTruth.csv",
+        tmp_path / "again",
+        shard_size=40,
+        workers=0,
+        metadata=THUMBS / "ISIC-2017_Validation_Data_metadata.csv",
+    )
     first = json.loads((val_shards / "manifest.json").read_text())
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in first["shards"]]
 
@@ -132,14 +152,18 @@ def write_images(folder: Path, names: dict[str, tuple[str, tuple[int, int]]]) ->
 
 
 def read_back(folder: Path) -> dict[str, tuple[int, dict, Image.Image]]:
-    return {k: (int(v["cls"]), json.loads(v["json"]), Image.open(io.BytesIO(v["jpg"])))
-            for k, v in tar_samples(folder).items()}
+    return {
+        k: (int(v["cls"]), json.loads(v["json"]), Image.open(io.BytesIO(v["jpg"])))
+        for k, v in tar_samples(folder).items()
+    }
 
 
 def test_onehot_isic2019_labels(tmp_path):
     write_images(tmp_path / "img", {f"ISIC_{i}.jpg": ("RGB", (40, 30)) for i in range(4)})
-    (tmp_path / "gt.csv").write_text("image,MEL,NV,BCC,UNK\nISIC_0,1.0,0.0,0.0,0.0\nISIC_1,0.0,1.0,0.0,0.0\n"
-                                     "ISIC_2,0.0,0.0,1.0,0.0\nISIC_3,0.0,1.0,0.0,0.0\n")
+    (tmp_path / "gt.csv").write_text(
+        "image,MEL,NV,BCC,UNK\nISIC_0,1.0,0.0,0.0,0.0\nISIC_1,0.0,1.0,0.0,0.0\n"
+        "ISIC_2,0.0,0.0,1.0,0.0\nISIC_3,0.0,1.0,0.0,0.0\n"
+    )
     manifest = pack(tmp_path / "img", tmp_path / "gt.csv", tmp_path / "out", size=16, workers=0)
     assert manifest["classes"] == ["MEL", "NV", "BCC", "UNK"] and manifest["label_format"] == "onehot"
     assert manifest["counts"] == {"MEL": 1, "NV": 2, "BCC": 1, "UNK": 0}
@@ -148,10 +172,13 @@ def test_onehot_isic2019_labels(tmp_path):
     assert back["ISIC_2"][1]["label_name"] == "BCC"
 
 
-@pytest.mark.parametrize("labels, classes, expected", [
-    (["nevus", "melanoma", "nevus"], ["melanoma", "nevus"], [1, 0, 1]),
-    (["2", "0", "2"], ["0", "1", "2"], [2, 0, 2]),
-])
+@pytest.mark.parametrize(
+    "labels, classes, expected",
+    [
+        (["nevus", "melanoma", "nevus"], ["melanoma", "nevus"], [1, 0, 1]),
+        (["2", "0", "2"], ["0", "1", "2"], [2, 0, 2]),
+    ],
+)
 def test_plain_label_column(tmp_path, labels, classes, expected):
     write_images(tmp_path / "img", {f"a{i}.png": ("RGB", (30, 30)) for i in range(3)})
     rows = "".join(f"a{i},{label}\n" for i, label in enumerate(labels))
@@ -162,21 +189,33 @@ def test_plain_label_column(tmp_path, labels, classes, expected):
 
 
 def test_modes_and_exif_orientation_become_upright_rgb(tmp_path):
-    write_images(tmp_path / "img", {"gray.jpg": ("L", (40, 20)), "cmyk.jpg": ("CMYK", (20, 40)),
-                                    "alpha.png": ("RGBA", (30, 60)), "pal.png": ("P", (50, 25))})
+    write_images(
+        tmp_path / "img",
+        {
+            "gray.jpg": ("L", (40, 20)),
+            "cmyk.jpg": ("CMYK", (20, 40)),
+            "alpha.png": ("RGBA", (30, 60)),
+            "pal.png": ("P", (50, 25)),
+        },
+    )
     rotated = Image.new("RGB", (60, 30), (10, 200, 30))
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, displayed portrait (rotate 90 degrees)
     rotated.save(tmp_path / "img" / "rot.jpg", exif=exif)
     ids = ["gray", "cmyk", "alpha", "pal", "rot"]
-    (tmp_path / "gt.csv").write_text("image_id,melanoma,seborrheic_keratosis\n"
-                                     + "".join(f"{i},0,0\n" for i in ids))
+    (tmp_path / "gt.csv").write_text(
+        "image_id,melanoma,seborrheic_keratosis\n" + "".join(f"{i},0,0\n" for i in ids)
+    )
     pack(tmp_path / "img", tmp_path / "gt.csv", tmp_path / "out", size=16, workers=0)
     back = read_back(tmp_path / "out")
     sizes = {k: (v[2].mode, v[2].size, (v[1]["width"], v[1]["height"])) for k, v in back.items()}
-    assert sizes == {"gray": ("RGB", (32, 16), (40, 20)), "cmyk": ("RGB", (16, 32), (20, 40)),
-                     "alpha": ("RGB", (16, 32), (30, 60)), "pal": ("RGB", (32, 16), (50, 25)),
-                     "rot": ("RGB", (16, 32), (30, 60))}
+    assert sizes == {
+        "gray": ("RGB", (32, 16), (40, 20)),
+        "cmyk": ("RGB", (16, 32), (20, 40)),
+        "alpha": ("RGB", (16, 32), (30, 60)),
+        "pal": ("RGB", (32, 16), (50, 25)),
+        "rot": ("RGB", (16, 32), (30, 60)),
+    }
 
 
 def test_force_replaces_and_existing_output_is_kept_otherwise(tmp_path, capsys):
@@ -185,8 +224,19 @@ def test_force_replaces_and_existing_output_is_kept_otherwise(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    args = ["pack", "--images", str(tmp_path / "img"), "--labels", str(tmp_path / "gt.csv"),
-            "--out", str(out), "--workers", "0", "--size", "16"]
+    args = [
+        "pack",
+        "--images",
+        str(tmp_path / "img"),
+        "--labels",
+        str(tmp_path / "gt.csv"),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--size",
+        "16",
+    ]
     assert cli.main(args) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"

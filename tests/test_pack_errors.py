@@ -1,4 +1,5 @@
 """One test per bad input: the error names the culprit, the exit is non-zero, no output folder appears."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,7 @@ def make_images(folder: Path, ids) -> None:
 
 
 def noise_jpeg(path: Path) -> bytes:
-    """A JPEG with real scan data (noise), so cutting it short leaves the header valid but the scan truncated."""
+    """A JPEG with real scan data (noise): cutting it short leaves the header valid, the scan truncated."""
     pixels = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path, quality=90)
     return path.read_bytes()
@@ -33,8 +34,20 @@ def noise_jpeg(path: Path) -> bytes:
 def run_pack(tmp_path: Path, csv_text: str, *extra: str) -> tuple[Path, list[str]]:
     (tmp_path / "gt.csv").write_text(csv_text)
     out = tmp_path / "out"
-    args = ["pack", "--images", str(tmp_path / "img"), "--labels", str(tmp_path / "gt.csv"),
-            "--out", str(out), "--size", "16", "--workers", "0", *extra]
+    args = [
+        "pack",
+        "--images",
+        str(tmp_path / "img"),
+        "--labels",
+        str(tmp_path / "gt.csv"),
+        "--out",
+        str(out),
+        "--size",
+        "16",
+        "--workers",
+        "0",
+        *extra,
+    ]
     return out, args
 
 
@@ -75,8 +88,9 @@ def test_truncated_jpeg_aborts_naming_the_file(tmp_path):
     make_images(tmp_path / "img", ["a", "b"])
     data = noise_jpeg(tmp_path / "img" / "broken.jpg")
     (tmp_path / "img" / "broken.jpg").write_bytes(data[: len(data) // 2])
-    expect_failure(tmp_path, HEADER + "a,0,0\nbroken,1,0\nb,0,0\n", "broken", "broken.jpg", "cannot decode",
-                   workers=2)  # the error comes back from a worker process
+    expect_failure(
+        tmp_path, HEADER + "a,0,0\nbroken,1,0\nb,0,0\n", "broken", "broken.jpg", "cannot decode", workers=2
+    )  # the error comes back from a worker process
 
 
 def test_file_that_is_not_an_image(tmp_path):
@@ -90,8 +104,15 @@ def test_duplicate_ids(tmp_path):
     expect_failure(tmp_path, HEADER + "a,0,0\nb,1,0\na,0,1\n", "duplicate id", "a")
 
 
-@pytest.mark.parametrize("row, shown", [("a,0.5,0", "melanoma='0.5'"), ("a,yes,0", "melanoma='yes'"),
-                                        ("a,0,", "seborrheic_keratosis=''"), ("a,2,0", "melanoma='2'")])
+@pytest.mark.parametrize(
+    "row, shown",
+    [
+        ("a,0.5,0", "melanoma='0.5'"),
+        ("a,yes,0", "melanoma='yes'"),
+        ("a,0,", "seborrheic_keratosis=''"),
+        ("a,2,0", "melanoma='2'"),
+    ],
+)
 def test_label_values_other_than_0_1(tmp_path, row, shown):
     make_images(tmp_path / "img", ["a", "b"])
     expect_failure(tmp_path, HEADER + row + "\nb,0,0\n", "label values other than 0/1", shown, "a")
@@ -99,8 +120,13 @@ def test_label_values_other_than_0_1(tmp_path, row, shown):
 
 def test_more_than_one_positive_class(tmp_path):
     make_images(tmp_path / "img", ["a", "b"])
-    expect_failure(tmp_path, HEADER + "a,0,0\nb,1.0,1.0\n", "more than one positive class",
-                   "melanoma+seborrheic_keratosis", "b")
+    expect_failure(
+        tmp_path,
+        HEADER + "a,0,0\nb,1.0,1.0\n",
+        "more than one positive class",
+        "melanoma+seborrheic_keratosis",
+        "b",
+    )
 
 
 def test_onehot_row_without_positive_class(tmp_path):
@@ -108,11 +134,14 @@ def test_onehot_row_without_positive_class(tmp_path):
     expect_failure(tmp_path, "image,MEL,NV,BCC\na,0,1,0\nb,0,0,0\n", "no positive class", "b")
 
 
-@pytest.mark.parametrize("csv_text, fragments", [
-    ("image_id,melanoma\na,0\n", ["missing column(s): seborrheic_keratosis"]),
-    ("name,melanoma,seborrheic_keratosis\na,0,0\n", ["missing id column", "image_id", "name"]),
-    ("image_id\na\n", ["missing label columns"]),
-])
+@pytest.mark.parametrize(
+    "csv_text, fragments",
+    [
+        ("image_id,melanoma\na,0\n", ["missing column(s): seborrheic_keratosis"]),
+        ("name,melanoma,seborrheic_keratosis\na,0,0\n", ["missing id column", "image_id", "name"]),
+        ("image_id\na\n", ["missing label columns"]),
+    ],
+)
 def test_missing_columns(tmp_path, csv_text, fragments):
     make_images(tmp_path / "img", ["a"])
     expect_failure(tmp_path, csv_text, *fragments)
@@ -135,8 +164,9 @@ def test_skip_bad_packs_the_rest_and_lists_the_bad(tmp_path):
     data = noise_jpeg(tmp_path / "img" / "broken.jpg")
     (tmp_path / "img" / "broken.jpg").write_bytes(data[: len(data) // 2])
     (tmp_path / "img" / "text.jpg").write_text("nope")
-    csv_text = HEADER + ("good1,0,0\ngood2,1,0\ndup,0,0\ndup,0,1\ntwo,1,1\nhalf,0.5,0\nghost,0,0\n"
-                         "broken,0,0\ntext,0,0\n")
+    csv_text = HEADER + (
+        "good1,0,0\ngood2,1,0\ndup,0,0\ndup,0,1\ntwo,1,1\nhalf,0.5,0\nghost,0,0\nbroken,0,0\ntext,0,0\n"
+    )
     out, args = run_pack(tmp_path, csv_text, "--skip-bad")
     assert cli.main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -152,8 +182,13 @@ def test_cli_process_exit_code_and_message(tmp_path):
     """The real command: non-zero exit, the culprit on stderr, no traceback, no output folder."""
     make_images(tmp_path / "img", ["a"])
     out, args = run_pack(tmp_path, HEADER + "a,0,0\nISIC_missing,1,0\n")
-    done = subprocess.run([sys.executable, "-m", "lesionkit.cli", *args], capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-m", "lesionkit.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode != 0
     assert "ISIC_missing" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()

@@ -3,6 +3,7 @@
 All jobs are submitted together (they share the throwaway cluster like a real queue) and each test then
 waits for its own. They train tiny models for 2 epochs on synth + pack shards, on CPU nodes.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,23 @@ TIMEOUT_S = 420
 def cluster(tmp_path_factory):
     """Two slurmd (lkn1, lkn2) on this host; torn down (by PID) after the session."""
     d = tmp_path_factory.mktemp("slurm")
-    up = subprocess.run(["bash", str(CLUSTER), "up", "--dir", str(d), "--nodes", "2", "--cpus", "3"],
-                        check=False, capture_output=True, text=True, timeout=180)
+    up = subprocess.run(
+        ["bash", str(CLUSTER), "up", "--dir", str(d), "--nodes", "2", "--cpus", "3"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert up.returncode == 0, up.stderr
     env = dict(os.environ, SLURM_CONF=str(d / "etc" / "slurm.conf"))
     yield env
-    down = subprocess.run(["bash", str(CLUSTER), "down", "--dir", str(d)], check=False, capture_output=True,
-                          text=True, timeout=180)
+    down = subprocess.run(
+        ["bash", str(CLUSTER), "down", "--dir", str(d)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert down.returncode == 0, down.stderr
 
 
@@ -42,13 +53,47 @@ def cluster(tmp_path_factory):
 def shards(tmp_path_factory):
     """24 train / 12 val synthetic images at 64 px, through the real `lesionkit synth` and `pack`."""
     d = tmp_path_factory.mktemp("shards")
-    subprocess.run([str(LESIONKIT), "synth", str(d / "raw"), "--n-train", "24", "--n-val", "12", "--size", "64",
-                    "--workers", "1"], check=True, capture_output=True, timeout=300)
-    packs = [subprocess.Popen([str(LESIONKIT), "pack", "--images", str(d / "raw" / f"ISIC-2017_{split}_Data"),
-                               "--labels", str(d / "raw" / f"ISIC-2017_{split}_Part3_GroundTruth.csv"),
-                               "--out", str(d / out), "--size", "64", "--shard-size", "12", "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for split, out in (("Training", "train"), ("Validation", "val"))]
+    subprocess.run(
+        [
+            str(LESIONKIT),
+            "synth",
+            str(d / "raw"),
+            "--n-train",
+            "24",
+            "--n-val",
+            "12",
+            "--size",
+            "64",
+            "--workers",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    packs = [
+        subprocess.Popen(
+            [
+                str(LESIONKIT),
+                "pack",
+                "--images",
+                str(d / "raw" / f"ISIC-2017_{split}_Data"),
+                "--labels",
+                str(d / "raw" / f"ISIC-2017_{split}_Part3_GroundTruth.csv"),
+                "--out",
+                str(d / out),
+                "--size",
+                "64",
+                "--shard-size",
+                "12",
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for split, out in (("Training", "train"), ("Validation", "val"))
+    ]
     for p in packs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
     return d
@@ -58,9 +103,22 @@ def sbatch(env, script, logdir, name, *sbatch_args, **lk):
     """Submit jobs/SCRIPT with LK_* settings; return (job id, log path, output dir)."""
     out = logdir / f"run-{name}"
     job_env = dict(env, LK_OUTPUT=str(out), **{f"LK_{k.upper()}": str(v) for k, v in lk.items()})
-    proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--job-name=lk-{name}",
-                           f"--output={logdir}/{name}-%j.out", *sbatch_args, str(ROOT / "jobs" / script)],
-                          check=False, env=job_env, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--cpus-per-task=1",
+            f"--job-name=lk-{name}",
+            f"--output={logdir}/{name}-%j.out",
+            *sbatch_args,
+            str(ROOT / "jobs" / script),
+        ],
+        check=False,
+        env=job_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
     return job, logdir / f"{name}-{job}.out", out
@@ -74,13 +132,28 @@ def jobs(cluster, shards, tmp_path_factory):
         # the pre-empted run first: its test signals it while it trains
         "preempt": sbatch(cluster, "customnet.sh", logdir, "preempt", **data, extra_args=SMOKE),
         "reference": sbatch(cluster, "customnet.sh", logdir, "reference", **data, extra_args=SMOKE),
-        "two_nodes": sbatch(cluster, "customnet.sh", logdir, "two-nodes", "--nodes=2", **data,
-                            extra_args=SMOKE),
-        "resnet": sbatch(cluster, "resnet.sh", logdir, "resnet", **data,
-                         extra_args=SMOKE.replace("--max-steps-per-epoch 3", "--max-steps-per-epoch 2")
-                         + " --no-pretrained"),
-        "bad_data": sbatch(cluster, "customnet.sh", logdir, "bad-data", train=logdir / "no-such-shards",
-                           val=shards / "val", epochs=2, extra_args=SMOKE),
+        "two_nodes": sbatch(
+            cluster, "customnet.sh", logdir, "two-nodes", "--nodes=2", **data, extra_args=SMOKE
+        ),
+        "resnet": sbatch(
+            cluster,
+            "resnet.sh",
+            logdir,
+            "resnet",
+            **data,
+            extra_args=SMOKE.replace("--max-steps-per-epoch 3", "--max-steps-per-epoch 2")
+            + " --no-pretrained",
+        ),
+        "bad_data": sbatch(
+            cluster,
+            "customnet.sh",
+            logdir,
+            "bad-data",
+            train=logdir / "no-such-shards",
+            val=shards / "val",
+            epochs=2,
+            extra_args=SMOKE,
+        ),
     }
     yield submitted
     for job, _, _ in submitted.values():
@@ -88,8 +161,9 @@ def jobs(cluster, shards, tmp_path_factory):
 
 
 def job_info(env, job) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True, check=True
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -106,7 +180,9 @@ def wait_until(predicate, what, timeout=TIMEOUT_S):
 def wait_done(env, job, log) -> dict:
     def done():
         info = job_info(env, job)
-        return info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+        return (
+            info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+        )
 
     info = wait_until(done, f"job {job} to end")
     info["log"] = log.read_text(errors="replace") if log.exists() else ""
@@ -122,6 +198,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_result(clust
     # The header row is printed after the trainer's signal handler is set and just before the first step.
     wait_until(lambda: log.exists() and "train_loss" in log.read_text(errors="replace"), "training to start")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+
     # Slurm holds a requeued job for ~2 minutes (BeginTime); release it sooner, but not within the second
     # of the requeue (the node would refuse the relaunch: "Job credential revoked").
     def requeued():
@@ -136,7 +213,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_result(clust
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), info["log"]
     assert "lesionkit: stop requested; saved" in info["log"]
     assert re.search(r"requeueing job \d+", info["log"])
-    assert re.search(r"resumed from \S+/epoch-\d{4}-step-\d+ \(epoch [01], step [1-3]\)", info["log"]), info["log"]
+    assert re.search(r"resumed from \S+/epoch-\d{4}-step-\d+ \(epoch [01], step [1-3]\)", info["log"]), info[
+        "log"
+    ]
     assert read_json(out / "status.json")["status"] == "completed"
 
     ref_job, ref_log, ref_out = jobs["reference"]
@@ -189,21 +268,37 @@ def test_failing_training_fails_the_job_and_says_why(cluster, jobs):
     assert info["Restarts"] == "0"
 
 
-@pytest.mark.parametrize("gpus, nodes, procs, config, nprocs", [
-    ("0", "1", "", "cpu.yaml", 1),
-    ("0", "1", "2", "cpu_ddp.yaml", 2),
-    ("0", "2", "", "cpu_ddp.yaml", 2),
-    ("1", "1", "", "single_gpu.yaml", 1),
-    ("4", "1", "", "multi_gpu.yaml", 4),
-    ("4", "2", "", "multi_node.yaml", 8),
-])
+@pytest.mark.parametrize(
+    "gpus, nodes, procs, config, nprocs",
+    [
+        ("0", "1", "", "cpu.yaml", 1),
+        ("0", "1", "2", "cpu_ddp.yaml", 2),
+        ("0", "2", "", "cpu_ddp.yaml", 2),
+        ("1", "1", "", "single_gpu.yaml", 1),
+        ("4", "1", "", "multi_gpu.yaml", 4),
+        ("4", "2", "", "multi_node.yaml", 8),
+    ],
+)
 def test_launcher_picks_the_accelerate_config_for_the_allocation(cluster, gpus, nodes, procs, config, nprocs):
     """LK_DRY_RUN prints the launch without running it: the GPU paths, checked where no GPU exists."""
     env = {k: v for k, v in cluster.items() if not k.startswith(("SLURM_JOB", "LK_"))}
-    env.update(LK_DRY_RUN="1", LK_GPUS_PER_NODE=gpus, LK_PROCS_PER_NODE=procs, SLURM_NNODES=nodes,
-               SLURM_JOB_NODELIST="gpu[07-08]", LK_EPOCHS="3", LK_EXTRA_ARGS="--batch-size 128 --no-wandb")
-    proc = subprocess.run(["bash", str(ROOT / "jobs" / "efficientnet_lite0.sh")], check=False, env=env,
-                          capture_output=True, text=True, timeout=60)
+    env.update(
+        LK_DRY_RUN="1",
+        LK_GPUS_PER_NODE=gpus,
+        LK_PROCS_PER_NODE=procs,
+        SLURM_NNODES=nodes,
+        SLURM_JOB_NODELIST="gpu[07-08]",
+        LK_EPOCHS="3",
+        LK_EXTRA_ARGS="--batch-size 128 --no-wandb",
+    )
+    proc = subprocess.run(
+        ["bash", str(ROOT / "jobs" / "efficientnet_lite0.sh")],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"config {config}," in proc.stdout
     cmd = proc.stdout.split("node command: ", 1)[1]

@@ -1,4 +1,5 @@
 """lesionkit synth: deterministic bytes, exact class counts, ISIC 2017 layout, CLI errors, atomic writes."""
+
 from __future__ import annotations
 
 import csv
@@ -30,8 +31,13 @@ def _rows(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lesionkit.cli", "synth", *args],
-                          check=False, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lesionkit.cli", "synth", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +85,11 @@ def test_layout_csvs_match_the_images_and_counts(small):
         assert sorted(r["image_id"] for r in truth) == images and len(images) == n
         assert {r["melanoma"] for r in truth} | {r["seborrheic_keratosis"] for r in truth} <= {"0.0", "1.0"}
         assert not any(r["melanoma"] == r["seborrheic_keratosis"] == "1.0" for r in truth)
-        counts = [sum(r["melanoma"] == r["seborrheic_keratosis"] == "0.0" for r in truth),
-                  sum(r["melanoma"] == "1.0" for r in truth),
-                  sum(r["seborrheic_keratosis"] == "1.0" for r in truth)]
+        counts = [
+            sum(r["melanoma"] == r["seborrheic_keratosis"] == "0.0" for r in truth),
+            sum(r["melanoma"] == "1.0" for r in truth),
+            sum(r["seborrheic_keratosis"] == "1.0" for r in truth),
+        ]
         assert counts == class_counts(n) == ([21, 6, 3] if n == 30 else [7, 2, 1])
 
         header, meta = _rows(small / f"ISIC-2017_{split}_Data_metadata.csv")
@@ -105,9 +113,27 @@ def test_every_image_decodes_rgb_at_the_requested_size(small):
 def test_cli_writes_dataset_with_custom_priors(tmp_path):
     out = tmp_path / "cli"
     sheet = tmp_path / "sheet.png"
-    proc = _cli(str(out), "--n-train", "20", "--n-val", "5", "--size", "40", "--seed", "7",
-                "--priors", "1", "1", "2", "--difficulty", "0.2", "--hair-prob", "1",
-                "--contact-sheet", str(sheet))
+    proc = _cli(
+        str(out),
+        "--n-train",
+        "20",
+        "--n-val",
+        "5",
+        "--size",
+        "40",
+        "--seed",
+        "7",
+        "--priors",
+        "1",
+        "1",
+        "2",
+        "--difficulty",
+        "0.2",
+        "--hair-prob",
+        "1",
+        "--contact-sheet",
+        str(sheet),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "training: 20 images (nevus 5, melanoma 5, seborrheic_keratosis 10)" in proc.stdout
     _, truth = _rows(out / "ISIC-2017_Training_Part3_GroundTruth.csv")
@@ -116,16 +142,19 @@ def test_cli_writes_dataset_with_custom_priors(tmp_path):
         assert im.format == "PNG" and 850 <= im.size[0] <= 950
 
 
-@pytest.mark.parametrize("flags, culprit", [
-    (["--n-train", "-1"], "--n-train"),
-    (["--n-val", "-3"], "--n-val"),
-    (["--size", "8"], "--size"),
-    (["--difficulty", "1.5"], "--difficulty"),
-    (["--hair-prob", "-0.1"], "--hair-prob"),
-    (["--priors", "0", "0", "0"], "--priors"),
-    (["--n-train", "many"], "--n-train"),
-    (["--workers", "0"], "--workers"),
-])
+@pytest.mark.parametrize(
+    "flags, culprit",
+    [
+        (["--n-train", "-1"], "--n-train"),
+        (["--n-val", "-3"], "--n-val"),
+        (["--size", "8"], "--size"),
+        (["--difficulty", "1.5"], "--difficulty"),
+        (["--hair-prob", "-0.1"], "--hair-prob"),
+        (["--priors", "0", "0", "0"], "--priors"),
+        (["--n-train", "many"], "--n-train"),
+        (["--workers", "0"], "--workers"),
+    ],
+)
 def test_cli_rejects_bad_flags_without_writing(tmp_path, flags, culprit):
     out = tmp_path / "bad"
     proc = _cli(str(out), *flags)
@@ -170,12 +199,21 @@ def test_contact_sheet_has_one_row_per_class(small, tmp_path):
 def _pixel_auc(difficulty: float, n: int = 240) -> float:
     """Macro one-vs-rest AUC of a logistic regression on 12x12 thumbnails (5-fold cross-validated)."""
     labels = split_labels(n, (1, 1, 1), seed=0, split=0)
-    thumbs = [Image.fromarray(render(int(y), 48, np.random.default_rng([5, i]), difficulty, 0.3))
-              .resize((12, 12), Image.BILINEAR) for i, y in enumerate(labels)]
+    thumbs = [
+        Image.fromarray(render(int(y), 48, np.random.default_rng([5, i]), difficulty, 0.3)).resize(
+            (12, 12), Image.BILINEAR
+        )
+        for i, y in enumerate(labels)
+    ]
     x = np.stack([np.asarray(t, np.float32).ravel() / 255 for t in thumbs])
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    probs = cross_val_predict(LogisticRegression(C=0.05, max_iter=1000), x, labels,
-                              cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")
+    probs = cross_val_predict(
+        LogisticRegression(C=0.05, max_iter=1000),
+        x,
+        labels,
+        cv=StratifiedKFold(5, shuffle=True, random_state=0),
+        method="predict_proba",
+    )
     return float(np.mean([roc_auc_score(labels == k, probs[:, k]) for k in range(len(CLASSES))]))
 
 

@@ -1,4 +1,5 @@
 """The training entry point as users run it: single process, 2-process CPU DDP, resume, W&B offline."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,31 @@ TRAIN = REPO / "lesionkit" / "train.py"
 VENV_BIN = Path(sys.executable).parent
 
 # Small enough for seconds per epoch on 2 cores; step scheduler so the LR visibly changes every epoch.
-TINY = ["--model", "customnet", "--image-size", "32", "--batch-size", "16", "--workers", "1",
-        "--optimizer", "sgd", "--lr", "0.01", "--scheduler", "step", "--step-size", "1", "--gamma", "0.5",
-        "--augment", "light", "--no-wandb", "--mixed-precision", "no"]
+TINY = [
+    "--model",
+    "customnet",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--workers",
+    "1",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.01",
+    "--scheduler",
+    "step",
+    "--step-size",
+    "1",
+    "--gamma",
+    "0.5",
+    "--augment",
+    "light",
+    "--no-wandb",
+    "--mixed-precision",
+    "no",
+]
 
 
 def env():
@@ -36,14 +59,34 @@ def train(out, shards, *extra, procs=1, timeout=240, check=True):
     if procs == 1:
         cmd = [sys.executable, str(TRAIN)]
     else:
-        cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(procs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(TRAIN)]
+        cmd = [
+            str(VENV_BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(procs),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(TRAIN),
+        ]
     e = env()
     if procs > 1:
         e["ACCELERATE_USE_CPU"] = "1"
-    res = subprocess.run(cmd + TINY + data + list(extra), capture_output=True, text=True, timeout=timeout, check=False,
-                         env=e, cwd=REPO)
+    res = subprocess.run(
+        cmd + TINY + data + list(extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=e,
+        cwd=REPO,
+    )
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -84,7 +127,9 @@ def test_single_process_run_writes_checkpoints_and_metrics(single):
     assert json.loads((single / "world.json").read_text())["world_size"] == 1
     for link in ("last", "best"):
         ckpt = (single / link).resolve()
-        assert {"model.pt", "config.yaml", "info.json", "custom_checkpoint_0.pkl"} <= {p.name for p in ckpt.iterdir()}
+        assert {"model.pt", "config.yaml", "info.json", "custom_checkpoint_0.pkl"} <= {
+            p.name for p in ckpt.iterdir()
+        }
     info = json.loads((single / "last" / "info.json").read_text())
     assert info["classes"] == ["nevus", "melanoma", "seborrheic_keratosis"] and info["epoch"] == 3
     metrics = json.loads((single / "metrics.json").read_text())
@@ -113,23 +158,45 @@ def test_two_process_ddp_agrees_with_single_process(tmp_path, tiny_shards, singl
     prep = build_augment("none", info["image_size"], info["mean"], info["std"]).eval()
     ys, ps = [], []
     with torch.no_grad():
-        for batch in eval_loader([tiny_shards["val"]], image_size=32, batch_size=16, workers=0, rank=0,
-                                 world_size=1):
+        for batch in eval_loader(
+            [tiny_shards["val"]], image_size=32, batch_size=16, workers=0, rank=0, world_size=1
+        ):
             ps.append(model(prep(batch.images)).softmax(1))
             ys.append(batch.labels)
-    mine = get_task("isic2017").metrics(torch.cat(ys).numpy(), torch.cat(ps).double().numpy(), info["classes"])
+    mine = get_task("isic2017").metrics(
+        torch.cat(ys).numpy(), torch.cat(ps).double().numpy(), info["classes"]
+    )
     for key in ("auc_nevus", "auc_melanoma", "auc_seborrheic_keratosis", "isic2017_score", "accuracy"):
         assert mine[key] == pytest.approx(info["metrics"][key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_validation_tta_scores_as_evaluate_tta_does(tmp_path, tiny_shards, single):
     from lesionkit.cli import run_command
 
     out = tmp_path / "tta"
     train(out, tiny_shards, "--epochs", "1", "--val-tta", "flips")
     logged = history(out)[0]
-    assert run_command("evaluate", ["--checkpoint", str(out / "last"), "--data", str(tiny_shards["val"]), "--tta",
-                                    "flips", "--bootstrap", "0", "--workers", "0", "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        run_command(
+            "evaluate",
+            [
+                "--checkpoint",
+                str(out / "last"),
+                "--data",
+                str(tiny_shards["val"]),
+                "--tta",
+                "flips",
+                "--bootstrap",
+                "0",
+                "--workers",
+                "0",
+                "--out",
+                str(tmp_path / "ev"),
+            ],
+        )
+        == 0
+    )
     scored = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     for key in ("auc_melanoma", "auc_seborrheic_keratosis", "isic2017_score"):
         assert logged[key] == pytest.approx(scored[key], abs=1e-6), key
@@ -161,8 +228,14 @@ def test_resume_from_last_reproduces_the_uninterrupted_run(tmp_path, tiny_shards
 def test_sigusr1_checkpoints_mid_epoch_and_resume_matches(tmp_path, tiny_shards, single):
     out = tmp_path / "preempted"
     data = ["--train", str(tiny_shards["train"]), "--val", str(tiny_shards["val"]), "--output-dir", str(out)]
-    proc = subprocess.Popen([sys.executable, str(TRAIN), *TINY, *data, "--epochs", "3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, str(TRAIN), *TINY, *data, "--epochs", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+        cwd=REPO,
+    )
     deadline = time.time() + 120
     while not (out / "last").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -177,6 +250,7 @@ def test_sigusr1_checkpoints_mid_epoch_and_resume_matches(tmp_path, tiny_shards,
     assert_same_weights(final_weights(out), final_weights(single))
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_file_holds_config_and_epoch_metrics(tmp_path, tiny_shards):
     out = tmp_path / "wb"
     res = train(out, tiny_shards, "--epochs", "2", "--wandb", "--run-name", "t")
@@ -201,7 +275,15 @@ def tiny_shards(tmp_path_factory):
     synthesize(root / "raw", n_train=160, n_val=60, size=40, seed=1)
     out = {}
     for split, name in (("train", "Training"), ("val", "Validation")):
-        out[split] = pack(images=root / "raw" / f"ISIC-2017_{name}_Data",
-                          labels=root / "raw" / f"ISIC-2017_{name}_Part3_GroundTruth.csv",
-                          out=root / split, size=40, shard_size=20, workers=1) and root / split
+        out[split] = (
+            pack(
+                images=root / "raw" / f"ISIC-2017_{name}_Data",
+                labels=root / "raw" / f"ISIC-2017_{name}_Part3_GroundTruth.csv",
+                out=root / split,
+                size=40,
+                shard_size=20,
+                workers=1,
+            )
+            and root / split
+        )
     return out

@@ -3,6 +3,7 @@
 Offline runs write no summary JSON and wandb ships no reader for this file, so the tests decode it:
 a LevelDB-style log (32 KiB blocks of checksummed record fragments) of `wandb_internal_pb2.Record`s.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,11 +27,11 @@ def records(path: Path):
         if left_in_block < HEADER:  # the tail of a block too small for a header is padding
             pos += left_in_block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if kind == 0 and length == 0:
             pos += left_in_block
             continue
-        payload = data[pos + HEADER:pos + HEADER + length]
+        payload = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         pending = payload if kind in (FULL, FIRST) else pending + payload
         if kind in (FULL, LAST):

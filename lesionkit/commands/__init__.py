@@ -1,1 +1,1 @@
-"""The `lesionkit` subcommands: argument parsing and printing only. Nothing imports these but `lesionkit.cli`."""
+"""The `lesionkit` subcommands: argument parsing and printing only; only `lesionkit.cli` imports them."""

@@ -1,4 +1,5 @@
 """`lesionkit download isic2017`: the official ISIC 2017 archives, resumable (`lesionkit.download`)."""
+
 from __future__ import annotations
 
 import sys
@@ -17,10 +18,18 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    layout = download_isic2017(args.root, parts, base_url=args.base_url, retries=args.retries,
-                               remove_zips=args.remove_zips, progress=sys.stderr.isatty())
+    layout = download_isic2017(
+        args.root,
+        parts,
+        base_url=args.base_url,
+        retries=args.retries,
+        remove_zips=args.remove_zips,
+        progress=sys.stderr.isatty(),
+    )
     print(f"ISIC 2017 ({', '.join(parts)}) is in {args.root}. Pack it with:")
     for part, paths in layout.items():
-        print(f"  lesionkit pack --images {paths['images']} --labels {paths['labels']} "
-              f"--out shards/isic2017-{part}")
+        print(
+            f"  lesionkit pack --images {paths['images']} --labels {paths['labels']} "
+            f"--out shards/isic2017-{part}"
+        )
     return 0

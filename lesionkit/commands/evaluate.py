@@ -1,5 +1,6 @@
 """`lesionkit evaluate`: score a checkpoint on packed shards -> metrics.json, predictions.csv, plots
 (`lesionkit.evaluate`); several processes with `accelerate launch -m lesionkit.evaluate`."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,19 +22,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--thresholds-from", metavar="PATH",
-                        help="per-class thresholds chosen on validation: a shard folder (scored now, Youden's J), "
-                             "a thresholds.json or an earlier evaluate output folder; default: chosen on --data "
-                             "itself (optimistic)")
-    parser.add_argument("--temperature", type=float,
-                        help="softmax temperature (default: the checkpoint's temperature.json, else 1)")
-    parser.add_argument("--fit-temperature", action="store_true",
-                        help="fit the temperature on --data (a validation set) and save it with the checkpoint")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0 = off)")
+    parser.add_argument(
+        "--thresholds-from",
+        metavar="PATH",
+        help="per-class thresholds chosen on validation: a shard folder (scored now, Youden's J), "
+        "a thresholds.json or an earlier evaluate output folder; default: chosen on --data "
+        "itself (optimistic)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        help="softmax temperature (default: the checkpoint's temperature.json, else 1)",
+    )
+    parser.add_argument(
+        "--fit-temperature",
+        action="store_true",
+        help="fit the temperature on --data (a validation set) and save it with the checkpoint",
+    )
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0 = off)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--wandb", action="store_true",
-                        help="also log the metrics and plots to W&B: into the training run of the checkpoint "
-                             "when it has one (offline without WANDB_API_KEY)")
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the metrics and plots to W&B: into the training run of the checkpoint "
+        "when it has one (offline without WANDB_API_KEY)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,8 +66,17 @@ def run(args: argparse.Namespace) -> int:
     preprocess = build_preprocess(info, accelerator.device)
 
     def scored(dirs):
-        return score(accelerator, model, info, dirs, args.checkpoint, args.tta, args.batch_size, args.workers,
-                     preprocess)
+        return score(
+            accelerator,
+            model,
+            info,
+            dirs,
+            args.checkpoint,
+            args.tta,
+            args.batch_size,
+            args.workers,
+            preprocess,
+        )
 
     keys, labels, logits = scored(args.data)
     if args.fit_temperature:
@@ -60,10 +84,16 @@ def run(args: argparse.Namespace) -> int:
     probs = M.softmax_views(logits, temperature)
     src = Path(args.thresholds_from) if args.thresholds_from else None
     if src is None:
-        thresholds, source = M.choose_thresholds(labels, probs, classes), "chosen on the evaluated data (optimistic)"
+        thresholds, source = (
+            M.choose_thresholds(labels, probs, classes),
+            "chosen on the evaluated data (optimistic)",
+        )
     elif (src / MANIFEST).is_file():
         _, y, z = scored([src])
-        thresholds, source = M.choose_thresholds(y, M.softmax_views(z, temperature), classes), f"Youden's J on {src}"
+        thresholds, source = (
+            M.choose_thresholds(y, M.softmax_views(z, temperature), classes),
+            f"Youden's J on {src}",
+        )
     else:
         thresholds, source = load_thresholds(src, classes)
     if not accelerator.is_main_process:
@@ -72,20 +102,50 @@ def run(args: argparse.Namespace) -> int:
     m = task.metrics(labels, probs, classes, thresholds=thresholds)
     if args.bootstrap:
         m["ci"] = task.bootstrap_ci(labels, probs, classes, n=args.bootstrap, seed=args.seed)
-    m.update({"checkpoint": str(args.checkpoint), "data": [str(d) for d in args.data], "model": info["model"],
-              "task": task.name, "classes": classes, "image_size": info["image_size"], "tta": args.tta,
-              "temperature": temperature, "thresholds_source": source, "world_size": accelerator.num_processes})
-    write_report(out, m, keys, labels, probs, classes, M.choose_thresholds(labels, probs, classes), args.data,
-                 title=f"ROC: {info['model']} on {Path(args.data[0]).name}")
+    m.update(
+        {
+            "checkpoint": str(args.checkpoint),
+            "data": [str(d) for d in args.data],
+            "model": info["model"],
+            "task": task.name,
+            "classes": classes,
+            "image_size": info["image_size"],
+            "tta": args.tta,
+            "temperature": temperature,
+            "thresholds_source": source,
+            "world_size": accelerator.num_processes,
+        }
+    )
+    write_report(
+        out,
+        m,
+        keys,
+        labels,
+        probs,
+        classes,
+        M.choose_thresholds(labels, probs, classes),
+        args.data,
+        title=f"ROC: {info['model']} on {Path(args.data[0]).name}",
+    )
     if args.fit_temperature:
-        write_json(Path(args.checkpoint) / TEMPERATURE_FILE, {"temperature": temperature, "n": int(labels.size),
-                                                              "fitted_on": [str(d) for d in args.data],
-                                                              "tta": args.tta})
-        print(f"lesionkit evaluate: temperature {temperature:.4f} saved to "
-              f"{Path(args.checkpoint) / TEMPERATURE_FILE}")
+        write_json(
+            Path(args.checkpoint) / TEMPERATURE_FILE,
+            {
+                "temperature": temperature,
+                "n": int(labels.size),
+                "fitted_on": [str(d) for d in args.data],
+                "tta": args.tta,
+            },
+        )
+        print(
+            f"lesionkit evaluate: temperature {temperature:.4f} saved to "
+            f"{Path(args.checkpoint) / TEMPERATURE_FILE}"
+        )
     if args.wandb:
         log_to_wandb(Path(args.checkpoint), info, f"eval/{Path(args.data[0]).name}", m, out)
     print(summary_table(m, classes, task))
-    print(f"lesionkit evaluate: {len(keys)} images, tta={args.tta}, {accelerator.num_processes} process(es) "
-          f"-> {out}/ (metrics.json, predictions.csv, roc.png, confusion.png, reliability.png)")
+    print(
+        f"lesionkit evaluate: {len(keys)} images, tta={args.tta}, {accelerator.num_processes} process(es) "
+        f"-> {out}/ (metrics.json, predictions.csv, roc.png, confusion.png, reliability.png)"
+    )
     return 0

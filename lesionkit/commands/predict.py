@@ -10,6 +10,7 @@ Formats:
   shards.
 Nothing is written unless every image was scored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--data", nargs="+", metavar="DIR", help="shard folder(s) written by `lesionkit pack`")
     parser.add_argument("--out", required=True, help="submission CSV to write")
     parser.add_argument("--format", default="isic2017", choices=FORMATS, help="submission layout")
-    parser.add_argument("--truth-out", metavar="CSV",
-                        help="with --data: also write the labels as ground truth in the same format")
+    parser.add_argument(
+        "--truth-out",
+        metavar="CSV",
+        help="with --data: also write the labels as ground truth in the same format",
+    )
     parser.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation")
-    parser.add_argument("--temperature", type=float,
-                        help="softmax temperature (default: the checkpoint's temperature.json, else 1)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        help="softmax temperature (default: the checkpoint's temperature.json, else 1)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,17 +72,28 @@ def run(args: argparse.Namespace) -> int:
     layout.submission_frame([], np.zeros((0, len(classes))), classes)  # format check before any work
     errors: list[str] = []
     if args.images:
-        batches = image_batches(list_images(Path(args.images)), info["image_size"], args.batch_size, args.workers,
-                                errors)
+        batches = image_batches(
+            list_images(Path(args.images)), info["image_size"], args.batch_size, args.workers, errors
+        )
     else:
-        batches = eval_loader(args.data, image_size=info["image_size"], batch_size=args.batch_size,
-                              workers=args.workers, rank=0, world_size=1)
-    keys, labels, probs = predict_probs(model, batches, device, build_preprocess(info, device), args.tta,
-                                        temperature)
+        batches = eval_loader(
+            args.data,
+            image_size=info["image_size"],
+            batch_size=args.batch_size,
+            workers=args.workers,
+            rank=0,
+            world_size=1,
+        )
+    keys, labels, probs = predict_probs(
+        model, batches, device, build_preprocess(info, device), args.tta, temperature
+    )
     if errors:
-        shown = "\n  ".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
-        raise UsageError(f"{len(errors)} file(s) in {args.images} are not readable images; nothing written:"
-                         f"\n  {shown}")
+        shown = "\n  ".join(errors[:10]) + (
+            f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        )
+        raise UsageError(
+            f"{len(errors)} file(s) in {args.images} are not readable images; nothing written:\n  {shown}"
+        )
     if args.data and len(keys) != num_samples:
         raise UsageError(f"scored {len(keys)} samples but the manifests list {num_samples}")
     if not keys:
@@ -85,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     write_text(Path(args.out), sub.to_csv(index=False))
     if truth is not None:
         write_text(Path(args.truth_out), truth.to_csv(index=False))
-    print(f"lesionkit predict: {len(sub)} images, format {args.format}, tta={args.tta} -> {args.out}"
-          + (f" (ground truth: {args.truth_out})" if truth is not None else ""))
+    print(
+        f"lesionkit predict: {len(sub)} images, format {args.format}, tta={args.tta} -> {args.out}"
+        + (f" (ground truth: {args.truth_out})" if truth is not None else "")
+    )
     return 0

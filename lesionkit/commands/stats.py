@@ -2,6 +2,7 @@
 re-hashes every shard against the manifest (size + sha256, `manifest.verify`) to catch truncated copies
 or bit rot before a long training run does.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,8 +41,11 @@ def class_table(folders: list[str | Path]) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="shard folder(s) written by `lesionkit pack`")
-    parser.add_argument("--verify", action="store_true",
-                        help="re-hash every shard and compare size + sha256 with the manifest")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every shard and compare size + sha256 with the manifest",
+    )
 
 
 def run(args) -> int:

@@ -1,4 +1,5 @@
 """`lesionkit train` (and `accelerate launch lesionkit/train.py`): flags from the config dataclass."""
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ the classes overlap and a small CNN lands clearly above chance but below a perfe
 Every image has its own generator seeded by SeedSequence([seed, split, index]), so the bytes depend
 only on (seed, split, index, parameters) - not on worker count or order.
 """
+
 from __future__ import annotations
 
 import csv
@@ -140,10 +141,12 @@ def _shape(rng: np.random.Generator, size: int, cls: int):
     t = np.linspace(-np.pi, np.pi, 512, endpoint=False)
     k_low, k_high = np.arange(1, 4), np.arange(4, 17)
     r = 1 + (rng.uniform(*p["asym"]) * rng.uniform(0.3, 1, 3)) @ np.cos(
-        np.outer(k_low, t) + rng.uniform(0, 2 * np.pi, (3, 1)))
+        np.outer(k_low, t) + rng.uniform(0, 2 * np.pi, (3, 1))
+    )
     irr = rng.uniform(*p["irregular"])
-    r += (irr * rng.uniform(0, 1, 13) / k_high ** 0.5) @ np.cos(
-        np.outer(k_high, t) + rng.uniform(0, 2 * np.pi, (13, 1)))
+    r += (irr * rng.uniform(0, 1, 13) / k_high**0.5) @ np.cos(
+        np.outer(k_high, t) + rng.uniform(0, 2 * np.pi, (13, 1))
+    )
     radius = rng.uniform(*p["radius"]) * np.interp(theta, t, r, period=2 * np.pi).astype(np.float32)
     radius = radius * (1 + 0.6 * irr * _noise(rng, size, 9))
     edge = rng.uniform(*p["edge"])
@@ -171,8 +174,15 @@ def _palette(rng: np.random.Generator, size: int, cls: int, depth: np.ndarray) -
     return tan[None, None, :] * sheen[..., None]
 
 
-def _dots(img: np.ndarray, rng: np.random.Generator, mask: np.ndarray, n: int, radius: float,
-          colour, strength: float) -> None:
+def _dots(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    mask: np.ndarray,
+    n: int,
+    radius: float,
+    colour,
+    strength: float,
+) -> None:
     """Blend n small round dots (globules, milia cysts) at random points inside the lesion, in place."""
     size = img.shape[0]
     inside = np.flatnonzero(mask.ravel() > 0.8)
@@ -180,19 +190,20 @@ def _dots(img: np.ndarray, rng: np.random.Generator, mask: np.ndarray, n: int, r
         return
     r_px = max(1.0, radius * size)
     half = int(np.ceil(2.5 * r_px))
-    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     for idx in rng.choice(inside, size=n):
         cy, cx = divmod(int(idx), size)
         rr = r_px * rng.uniform(0.6, 1.3)
         blob = strength * _smoothstep(1.5 - np.sqrt(yy * yy + xx * xx) / rr)
         y0, y1 = max(cy - half, 0), min(cy + half + 1, size)
         x0, x1 = max(cx - half, 0), min(cx + half + 1, size)
-        b = blob[y0 - cy + half:y1 - cy + half, x0 - cx + half:x1 - cx + half, None]
+        b = blob[y0 - cy + half : y1 - cy + half, x0 - cx + half : x1 - cx + half, None]
         img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - b) + _rgb(colour) * b
 
 
-def _structures(img: np.ndarray, rng: np.random.Generator, size: int, cls: int, mask: np.ndarray,
-                depth: np.ndarray, uv) -> np.ndarray:
+def _structures(
+    img: np.ndarray, rng: np.random.Generator, size: int, cls: int, mask: np.ndarray, depth: np.ndarray, uv
+) -> np.ndarray:
     """Dermoscopic structures: regular network (nevus), atypical network + dots (melanoma),
     cerebriform furrows + milia-like cysts (SK)."""
     u, v = uv
@@ -200,13 +211,16 @@ def _structures(img: np.ndarray, rng: np.random.Generator, size: int, cls: int, 
         if cls == 0:  # regular honeycomb-like mesh, fading to the periphery
             freq = rng.uniform(55, 80)
             warp = 1.5 * _noise(rng, size, 10)
-            holes = (np.cos(u * freq + warp) + np.cos((0.5 * u + 0.87 * v) * freq)
-                     + np.cos((0.5 * u - 0.87 * v) * freq - warp))  # three plane waves at 60 degrees
+            holes = (
+                np.cos(u * freq + warp)
+                + np.cos((0.5 * u + 0.87 * v) * freq)
+                + np.cos((0.5 * u - 0.87 * v) * freq - warp)
+            )  # three plane waves at 60 degrees
             net = np.clip(holes + 1.0, 0, 1.5) / 1.5 * rng.uniform(0.12, 0.25) * np.sqrt(depth)
         else:  # atypical network: thick, uneven, broken
             ridges = _noise(rng, size, int(rng.integers(18, 30)))
             broken = np.clip(_noise(rng, size, 5) + 0.3, 0, 1)
-            net = np.exp(-(ridges / 0.5) ** 2) * rng.uniform(0.25, 0.5) * broken
+            net = np.exp(-((ridges / 0.5) ** 2)) * rng.uniform(0.25, 0.5) * broken
         img = img * (1 - net[..., None] * mask[..., None])
         if cls == 0 and rng.random() < 0.3:
             _dots(img, rng, mask * (depth > 0.3), int(rng.integers(3, 10)), 0.012, _DARK_BROWN, 0.6)
@@ -214,7 +228,7 @@ def _structures(img: np.ndarray, rng: np.random.Generator, size: int, cls: int, 
             _dots(img, rng, mask * (depth < 0.5), int(rng.integers(4, 16)), 0.010, _BLACK, 0.8)
         return img
     gyri = _noise(rng, size, int(rng.integers(22, 34)))
-    sulci = np.exp(-(gyri / rng.uniform(0.3, 0.45)) ** 2)  # brain-like furrows along the zero lines
+    sulci = np.exp(-((gyri / rng.uniform(0.3, 0.45)) ** 2))  # brain-like furrows along the zero lines
     img = img * (1 - rng.uniform(0.3, 0.5) * sulci[..., None] * mask[..., None])
     img = img + (0.06 * np.clip(gyri - 0.8, 0, None) * mask)[..., None]  # waxy sheen on the ridges
     _dots(img, rng, mask, int(rng.integers(3, 14)), 0.012, (0.95, 0.93, 0.82), 0.85)  # milia-like cysts
@@ -232,7 +246,7 @@ def _hairs(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     t = np.linspace(0, 1, 24)[:, None]
     for _ in range(int(rng.integers(1, 10))):
         p0, p1, p2 = rng.uniform(-0.1, 1.1, (3, 2)) * size
-        pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
+        pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
         width = max(1, round(size / 256 * rng.uniform(1, 2.5)))
         draw.line([tuple(p) for p in pts], fill=int(rng.uniform(170, 255)), width=width)
     alpha = np.asarray(layer.filter(ImageFilter.GaussianBlur(0.5)), dtype=np.float32)[..., None] / 255
@@ -245,7 +259,7 @@ def _vignette(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     yy, xx = _grid(img.shape[0])
     cy, cx = rng.normal(0, 0.05, 2).tolist()
     rho = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-    falloff = 1 - rng.uniform(0.05, 0.25) * rho ** 2
+    falloff = 1 - rng.uniform(0.05, 0.25) * rho**2
     if rng.random() < 0.7:
         radius = rng.uniform(0.9, 1.25)
         falloff = falloff * _smoothstep((radius - rho) / rng.uniform(0.03, 0.12) + 0.5)
@@ -255,15 +269,17 @@ def _vignette(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- image
-def render(label: int, size: int, rng: np.random.Generator, difficulty: float = 0.5,
-           hair_prob: float = 0.3) -> np.ndarray:
+def render(
+    label: int, size: int, rng: np.random.Generator, difficulty: float = 0.5, hair_prob: float = 0.3
+) -> np.ndarray:
     """One synthetic dermoscopy image of class `label` as uint8 [size, size, 3].
 
     With probability `difficulty` each feature group (shape, colour, structures) is drawn from a uniformly
     random class instead of `label`: 0 = textbook cases, 1 = labels carry no signal.
     """
-    shape_cls, colour_cls, struct_cls = (int(rng.integers(3)) if rng.random() < difficulty else label
-                                         for _ in range(3))
+    shape_cls, colour_cls, struct_cls = (
+        int(rng.integers(3)) if rng.random() < difficulty else label for _ in range(3)
+    )
     img = _skin(rng, size)
     mask, depth, uv = _shape(rng, size, shape_cls)
     lesion = _structures(_palette(rng, size, colour_cls, depth), rng, size, struct_cls, mask, depth, uv)
@@ -319,9 +335,19 @@ def _check(n_train, n_val, size, priors, difficulty, hair_prob, quality) -> None
         raise UsageError(f"--quality must be in [1, 100], got {quality}")
 
 
-def synthesize(out, n_train: int, n_val: int, size: int = 256, seed: int = 0, priors=ISIC2017_PRIORS,
-               difficulty: float = 0.5, hair_prob: float = 0.3, workers: int | None = None,
-               force: bool = False, quality: int = 95) -> dict:
+def synthesize(
+    out,
+    n_train: int,
+    n_val: int,
+    size: int = 256,
+    seed: int = 0,
+    priors=ISIC2017_PRIORS,
+    difficulty: float = 0.5,
+    hair_prob: float = 0.3,
+    workers: int | None = None,
+    force: bool = False,
+    quality: int = 95,
+) -> dict:
     """Write a synthetic ISIC 2017 dataset to `out` atomically; returns a summary (also lesionkit_synth.json).
 
     Image ids run on across splits (validation continues after training), so packed splits never clash.
@@ -340,8 +366,14 @@ def synthesize(out, n_train: int, n_val: int, size: int = 256, seed: int = 0, pr
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
 
     with staged_dir(out) as tmp:  # an existing OUT is empty here, or replaced under --force
-        params = {"size": size, "seed": seed, "priors": list(priors), "difficulty": difficulty,
-                  "hair_prob": hair_prob, "quality": quality}
+        params = {
+            "size": size,
+            "seed": seed,
+            "priors": list(priors),
+            "difficulty": difficulty,
+            "hair_prob": hair_prob,
+            "quality": quality,
+        }
         summary = {"classes": list(CLASSES), "params": params, "splits": {}}
         jobs, split_rows, offset = [], {}, 0
         for (name, split), n in zip(SPLITS, (n_train, n_val)):
@@ -351,8 +383,20 @@ def synthesize(out, n_train: int, n_val: int, size: int = 256, seed: int = 0, pr
             ids = [f"ISIC_{offset + i:07d}" for i in range(n)]
             offset += n
             split_rows[name] = (ids, labels, len(jobs))
-            jobs += [(str(folder / f"{image_id}.jpg"), int(label), seed, split, i, size, difficulty,
-                      hair_prob, quality) for i, (image_id, label) in enumerate(zip(ids, labels))]
+            jobs += [
+                (
+                    str(folder / f"{image_id}.jpg"),
+                    int(label),
+                    seed,
+                    split,
+                    i,
+                    size,
+                    difficulty,
+                    hair_prob,
+                    quality,
+                )
+                for i, (image_id, label) in enumerate(zip(ids, labels))
+            ]
             counts = dict(zip(CLASSES, class_counts(n, priors)))
             summary["splits"][name.lower()] = {"num_samples": n, "counts": counts}
 
@@ -365,11 +409,16 @@ def synthesize(out, n_train: int, n_val: int, size: int = 256, seed: int = 0, pr
                 meta = [_make_one(job) for job in jobs]
 
         for name, (ids, labels, start) in split_rows.items():
-            _write_csv(tmp / f"ISIC-2017_{name}_Part3_GroundTruth.csv",
-                       ["image_id", "melanoma", "seborrheic_keratosis"],
-                       [(i, f"{float(y == 1):.1f}", f"{float(y == 2):.1f}") for i, y in zip(ids, labels)])
-            _write_csv(tmp / f"ISIC-2017_{name}_Data_metadata.csv", ["image_id", "age_approximate", "sex"],
-                       [(i, *meta[start + k]) for k, i in enumerate(ids)])
+            _write_csv(
+                tmp / f"ISIC-2017_{name}_Part3_GroundTruth.csv",
+                ["image_id", "melanoma", "seborrheic_keratosis"],
+                [(i, f"{float(y == 1):.1f}", f"{float(y == 2):.1f}") for i, y in zip(ids, labels)],
+            )
+            _write_csv(
+                tmp / f"ISIC-2017_{name}_Data_metadata.csv",
+                ["image_id", "age_approximate", "sex"],
+                [(i, *meta[start + k]) for k, i in enumerate(ids)],
+            )
         (tmp / "lesionkit_synth.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["root"] = str(out)
     return summary
@@ -398,8 +447,13 @@ def contact_sheet(root, out_png, per_class: int = 6, split: str = "Training", wi
         label = 1 if float(row["melanoma"]) else 2 if float(row["seborrheic_keratosis"]) else 0
         by_class[label].append(row["image_id"])
     dpi = 100
-    fig, axes = plt.subplots(len(CLASSES), per_class, squeeze=False, dpi=dpi,
-                             figsize=(width_px / dpi, width_px / dpi * len(CLASSES) / per_class + 0.3))
+    fig, axes = plt.subplots(
+        len(CLASSES),
+        per_class,
+        squeeze=False,
+        dpi=dpi,
+        figsize=(width_px / dpi, width_px / dpi * len(CLASSES) / per_class + 0.3),
+    )
     for c, name in enumerate(CLASSES):
         for j in range(per_class):
             ax = axes[c][j]

@@ -4,6 +4,7 @@ Each training batch is followed by a collective (gather), exactly as a DDP backw
 rank had fewer batches, the other would wait forever and the launching test times out.
 Usage: data_ranks.py SHARD_DIR OUT_DIR
 """
+
 import json
 import sys
 from pathlib import Path
@@ -19,12 +20,21 @@ accelerator = Accelerator()
 assert accelerator.num_processes == 2, f"expected 2 processes, got {accelerator.num_processes}"
 rank, world = accelerator.process_index, accelerator.num_processes
 
-loader = train_loader(shards, image_size=32, batch_size=8, workers=2, seed=0, epoch=0, rank=rank,
-                      world_size=world, shuffle_buffer=16)
+loader = train_loader(
+    shards,
+    image_size=32,
+    batch_size=8,
+    workers=2,
+    seed=0,
+    epoch=0,
+    rank=rank,
+    world_size=world,
+    shuffle_buffer=16,
+)
 epochs = []
-for epoch in range(2):
+for _ in range(2):
     ids, batches = [], 0
-    for images, labels, keys, _ in loader:
+    for images, _, keys, _ in loader:
         assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
         total = accelerator.gather(torch.tensor([len(keys)])).sum().item()  # hangs if counts differ
         assert total == 8 * world
@@ -33,12 +43,19 @@ for epoch in range(2):
     epochs.append({"batches": batches, "ids": ids})
 
 evaluated = []
-for images, labels, keys, _ in eval_loader(shards, image_size=32, batch_size=8, workers=2, rank=rank,
-                                        world_size=world):
+for _, labels, keys, _ in eval_loader(
+    shards, image_size=32, batch_size=8, workers=2, rank=rank, world_size=world
+):
     evaluated += [[k, int(label)] for k, label in zip(keys, labels)]
 gathered = gather_object(evaluated)  # what a trainer does: gather (id, prediction) once, at the end
 
-result = {"rank": rank, "world_size": world, "len": len(loader), "epochs": epochs, "eval": evaluated,
-          "eval_gathered": gathered}
+result = {
+    "rank": rank,
+    "world_size": world,
+    "len": len(loader),
+    "epochs": epochs,
+    "eval": evaluated,
+    "eval_gathered": gathered,
+}
 (out / f"rank{rank}.json").write_text(json.dumps(result))
 accelerator.wait_for_everyone()

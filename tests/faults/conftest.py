@@ -1,4 +1,5 @@
 """Fixtures of the fault-injection suite: tiny shards, a fork server for fast trainer starts, run helpers."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ FAST = [*TINY, "--workers", "0"]
 
 
 def base_env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    env = dict(
+        os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true"
+    )
     env.pop("WANDB_API_KEY", None)
     return env
 
@@ -62,8 +65,13 @@ class Zygote:
     """Client of tests/faults/zygote.py (see there why): start(argv) -> Child."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.faults.zygote"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, cwd=REPO, env=base_env())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=REPO,
+            env=base_env(),
+        )
         self.buf = b""
         self.current: Child | None = None
 
@@ -80,11 +88,17 @@ class Zygote:
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
-    def start(self, argv: list[str], log: Path, env: dict | None = None, fsize_limit: int = 0,
-              cwd: Path = REPO) -> Child:
+    def start(
+        self, argv: list[str], log: Path, env: dict | None = None, fsize_limit: int = 0, cwd: Path = REPO
+    ) -> Child:
         assert self.current is None or self.current.rc is not None, "one child at a time"
-        req = {"argv": [str(a) for a in argv], "log": str(log), "env": env or {}, "cwd": str(cwd),
-               "fsize_limit": fsize_limit}
+        req = {
+            "argv": [str(a) for a in argv],
+            "log": str(log),
+            "env": env or {},
+            "cwd": str(cwd),
+            "fsize_limit": fsize_limit,
+        }
         self.proc.stdin.write((json.dumps(req) + "\n").encode())
         self.proc.stdin.flush()
         msg = self._line(120)
@@ -138,6 +152,20 @@ def train_cmd(shards: dict, out: Path, *extra) -> list[str]:
 
 def launch_ddp(args: list[str], port: int, procs: int = 2, script: Path | None = None) -> list[str]:
     """`accelerate launch --multi_gpu` on CPU (ACCELERATE_USE_CPU=1 in the env): the one real CPU DDP here."""
-    return [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(procs),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port), str(script or REPO / "lesionkit" / "train.py"), *args]
+    return [
+        str(VENV_BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(procs),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(script or REPO / "lesionkit" / "train.py"),
+        *args,
+    ]

@@ -1,5 +1,6 @@
 """Corrupt shards at read time: training stops naming shard and key, or with --skip-corrupt skips and counts
 (epoch table, history, W&B); validation and `lesionkit evaluate` never skip."""
+
 from __future__ import annotations
 
 import re
@@ -38,36 +39,64 @@ def bad(tmp_path_factory, shards):
     shutil.copytree(root / "jpeg", root / "both")
     truncate_in_sample(root / "both" / "shard-000003.tar", 12)
     make_shards(root / "val", 60, 3, size=40, seed=2, corrupt={31})
-    return {"jpeg": root / "jpeg", "truncated": root / "truncated", "both": root / "both", "val": root / "val",
-            "lost": lost}
+    return {
+        "jpeg": root / "jpeg",
+        "truncated": root / "truncated",
+        "both": root / "both",
+        "val": root / "val",
+        "lost": lost,
+    }
 
 
 def test_corrupt_jpeg_stops_training_naming_shard_and_key(zygote, shards, bad, tmp_path):
     # one loader worker: the error crosses the DataLoader's process boundary and is still one clean line
-    rc, out = zygote.run(train_cmd({"train": bad["jpeg"], "val": shards["val"]}, tmp_path / "run", "--epochs",
-                                   "1", "--workers", "1"), tmp_path / "log")
+    rc, out = zygote.run(
+        train_cmd(
+            {"train": bad["jpeg"], "val": shards["val"]}, tmp_path / "run", "--epochs", "1", "--workers", "1"
+        ),
+        tmp_path / "log",
+    )
     assert rc == 1, out[-3000:]
-    line = re.findall(r"lesionkit train: error: .*", out)  # (stdout's progress bar may precede it on the line)
+    line = re.findall(
+        r"lesionkit train: error: .*", out
+    )  # (stdout's progress bar may precede it on the line)
     assert len(line) == 1 and "Traceback" not in out, out[-3000:]
-    assert re.search(r"corrupt sample 'ISIC_00000(05|47)' in shard \S+/jpeg/shard-00000[02]\.tar", line[0]), line
+    assert re.search(r"corrupt sample 'ISIC_00000(05|47)' in shard \S+/jpeg/shard-00000[02]\.tar", line[0]), (
+        line
+    )
     assert "skip_corrupt" in line[0]
 
 
 def test_truncated_shard_stops_training_naming_shard_and_member(zygote, shards, bad, tmp_path):
-    rc, out = zygote.run(train_cmd({"train": bad["truncated"], "val": shards["val"]}, tmp_path / "run",
-                                   "--epochs", "1"), tmp_path / "log")
+    rc, out = zygote.run(
+        train_cmd({"train": bad["truncated"], "val": shards["val"]}, tmp_path / "run", "--epochs", "1"),
+        tmp_path / "log",
+    )
     assert rc == 1 and "Traceback" not in out, out[-3000:]
-    assert re.search(r"lesionkit train: error: shard \S+/truncated/shard-000003\.tar is truncated: member "
-                     r"ISIC_\d{7}\.\w+ ends past byte", out), out[-3000:]
+    assert re.search(
+        r"lesionkit train: error: shard \S+/truncated/shard-000003\.tar is truncated: member "
+        r"ISIC_\d{7}\.\w+ ends past byte",
+        out,
+    ), out[-3000:]
 
 
 @pytest.fixture(scope="module")
 def skipped_run(zygote, shards, bad, tmp_path_factory):
     """2 epochs on shards with 2 bad JPEGs and a truncated shard, --skip-corrupt, W&B offline."""
     out = tmp_path_factory.mktemp("skip") / "run"
-    rc, text = zygote.run(train_cmd({"train": bad["both"], "val": shards["val"]}, out, "--epochs", "2",
-                                    "--skip-corrupt", "--wandb", "--run-name", "skip"),
-                          out.parent / "log")
+    rc, text = zygote.run(
+        train_cmd(
+            {"train": bad["both"], "val": shards["val"]},
+            out,
+            "--epochs",
+            "2",
+            "--skip-corrupt",
+            "--wandb",
+            "--run-name",
+            "skip",
+        ),
+        out.parent / "log",
+    )
     assert rc == 0, text[-3000:]
     return out, text
 
@@ -94,18 +123,45 @@ def test_skip_corrupt_skips_and_counts_per_epoch_in_table_history_and_wandb(skip
 
 
 def test_validation_never_skips_even_with_skip_corrupt(zygote, shards, bad, tmp_path):
-    rc, out = zygote.run(train_cmd({"train": shards["train"], "val": bad["val"]}, tmp_path / "run", "--epochs",
-                                   "1", "--skip-corrupt", "--max-steps-per-epoch", "2"), tmp_path / "log")
+    rc, out = zygote.run(
+        train_cmd(
+            {"train": shards["train"], "val": bad["val"]},
+            tmp_path / "run",
+            "--epochs",
+            "1",
+            "--skip-corrupt",
+            "--max-steps-per-epoch",
+            "2",
+        ),
+        tmp_path / "log",
+    )
     assert rc == 1 and "Traceback" not in out, out[-3000:]
-    assert re.search(r"lesionkit train: error: corrupt sample 'ISIC_0000031' in shard \S+/val/shard-000001\.tar",
-                     out), out[-3000:]
+    assert re.search(
+        r"lesionkit train: error: corrupt sample 'ISIC_0000031' in shard \S+/val/shard-000001\.tar", out
+    ), out[-3000:]
     assert not (tmp_path / "run" / "last").exists()  # no checkpoint scored on a partial validation set
 
 
 def test_evaluate_never_skips_a_corrupt_sample(zygote, skipped_run, bad, tmp_path):
     out, _ = skipped_run
-    rc, text = zygote.run(["evaluate", "--checkpoint", out / "last", "--data", bad["val"], "--workers", "0",
-                           "--bootstrap", "0", "--out", tmp_path / "eval"], tmp_path / "log")
+    rc, text = zygote.run(
+        [
+            "evaluate",
+            "--checkpoint",
+            out / "last",
+            "--data",
+            bad["val"],
+            "--workers",
+            "0",
+            "--bootstrap",
+            "0",
+            "--out",
+            tmp_path / "eval",
+        ],
+        tmp_path / "log",
+    )
     assert rc == 1 and not (tmp_path / "eval").exists() and "Traceback" not in text, text[-3000:]
-    assert re.search(r"lesionkit evaluate: error: corrupt sample 'ISIC_0000031' in shard \S+/val/shard-000001\.tar", text), text[-3000:]
+    assert re.search(
+        r"lesionkit evaluate: error: corrupt sample 'ISIC_0000031' in shard \S+/val/shard-000001\.tar", text
+    ), text[-3000:]
     assert "skip_corrupt" not in text.split("corrupt sample", 1)[1].splitlines()[0]  # no skipping offered

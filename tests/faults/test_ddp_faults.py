@@ -1,5 +1,6 @@
 """Faults in a real 2-process CPU DDP job (`accelerate launch --multi_gpu`, gloo): a rank killed, a rank
 hung (the collective timeout lesionkit sets ends the job), a non-finite loss seen by every rank at once."""
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,9 @@ class Job:
         self.log = out.parent / f"{out.name}.log"
         env = dict(base_env(), ACCELERATE_USE_CPU="1")
         cmd = launch_ddp([*TINY, *data_args(shards, out), *extra], free_port())
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -97,8 +100,11 @@ def test_nonfinite_loss_stops_every_rank_at_the_same_step_keeping_the_last_check
     job = Job(shards, out, "--epochs", "3", "--max-steps-per-epoch", "3", "--gamma", "1e10")
     rc, _ = job.finish(300)
     text = job.output()
-    errors = re.findall(r"lesionkit train: error: non-finite loss at epoch (\d+) step (\d+) \(global step (\d+)\), "
-                        r"lr ([\d.e+]+), batch keys \[((?:'ISIC_\d+'(?:, )?)+)\]", text)
+    errors = re.findall(
+        r"lesionkit train: error: non-finite loss at epoch (\d+) step (\d+) \(global step (\d+)\), "
+        r"lr ([\d.e+]+), batch keys \[((?:'ISIC_\d+'(?:, )?)+)\]",
+        text,
+    )
     assert rc != 0 and len(errors) == 2, text[-3000:]  # one line from each rank, at the same step and LR ...
     assert errors[0][:4] == errors[1][:4] and errors[0][0] == "1" and errors[0][3] == "1e+08", errors
     assert errors[0][4] != errors[1][4]  # ... each naming its own batch

@@ -1,5 +1,6 @@
 """kill -9 at random points, ten times in a row: every resume starts from a complete checkpoint, and the
 final weights equal those of a run that was never interrupted."""
+
 from __future__ import annotations
 
 import json
@@ -15,20 +16,29 @@ from tests.faults.conftest import train_cmd
 from tests.test_train import assert_same_weights, final_weights
 
 EPOCHS = ["--epochs", "4", "--max-steps-per-epoch", "4"]
-CHECKPOINT_FILES = {"model.pt", "custom_checkpoint_0.pkl", "info.json", "config.yaml", "model.safetensors", "optimizer.bin",
-                    "random_states_0.pkl"}
+CHECKPOINT_FILES = {
+    "model.pt",
+    "custom_checkpoint_0.pkl",
+    "info.json",
+    "config.yaml",
+    "model.safetensors",
+    "optimizer.bin",
+    "random_states_0.pkl",
+}
 MARK = "stale-marker"  # planted in leftover .tmp-* folders: must never reach a published checkpoint
 
 
 def assert_complete(run: Path) -> int:
-    """`last` (and `best`) point to whole, loadable, non-staging checkpoints; returns last's epoch (0: none)."""
+    """`last` (and `best`) point to whole, loadable, non-staging checkpoints; returns last's epoch (or 0)."""
     epoch = 0
     for link in ("last", "best"):
         if not (run / link).is_symlink():
             continue
         target = (run / link).resolve()
         assert target.parent == (run / "checkpoints").resolve() and not target.name.startswith(".tmp"), target
-        assert CHECKPOINT_FILES <= {p.name for p in target.iterdir()}, sorted(p.name for p in target.iterdir())
+        assert CHECKPOINT_FILES <= {p.name for p in target.iterdir()}, sorted(
+            p.name for p in target.iterdir()
+        )
         assert isinstance(torch.load(target / "model.pt", weights_only=True), dict)
         loop = trainer_state(target)["loop"]
         info = json.loads((target / "info.json").read_text())
@@ -66,8 +76,9 @@ def test_kill9_ten_times_resumes_to_the_uninterrupted_weights(zygote, shards, tm
         child = zygote.start(train_cmd(shards, run, *EPOCHS, "--resume"), tmp_path / f"kill{i}.log")
         if rng.random() < 0.4:  # bias: inside the checkpoint write (after the stale folders were cleaned)
             mode = "checkpoint"
-            fired = wait_for(lambda old=stale: not any(p.exists() for p in old), 120, child) and \
-                wait_for(lambda: any((run / "checkpoints").glob(".tmp-*")), 120, child)
+            fired = wait_for(lambda old=stale: not any(p.exists() for p in old), 120, child) and wait_for(
+                lambda: any((run / "checkpoints").glob(".tmp-*")), 120, child
+            )
             time.sleep(rng.uniform(0, 0.01))
         else:  # anywhere: setup, a step, validation, a save, after a given amount of CPU work
             mode = "cpu"
@@ -84,8 +95,7 @@ def test_kill9_ten_times_resumes_to_the_uninterrupted_weights(zygote, shards, tm
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
     assert assert_complete(run) == 4
     assert_same_weights(final_weights(run), final_weights(tmp_path / "ref"), atol=1e-6)
-    assert [r["epoch"] for r in trainer_state(run / "last")["loop"]["history"]] \
-        == [1, 2, 3, 4]
+    assert [r["epoch"] for r in trainer_state(run / "last")["loop"]["history"]] == [1, 2, 3, 4]
     assert not list(run.rglob(MARK)) and not list((run / "checkpoints").glob(".tmp-*"))
     # the kills really were spread: some in checkpoint writes, some elsewhere, resumes from several epochs
     assert {m for m, _, _ in kills} == {"checkpoint", "cpu"}, kills

@@ -1,5 +1,6 @@
 """--skip-nonfinite: a step whose loss is NaN/inf is skipped (no update) and counted, instead of stopping; a
 diverged model still stops the run at validation. (Stopping on every rank at once: test_ddp_faults.py.)"""
+
 from __future__ import annotations
 
 import io
@@ -53,8 +54,12 @@ def test_skip_nonfinite_skips_exactly_the_nan_steps(zygote, shards, tmp_path):
 def test_skip_nonfinite_does_not_hide_a_diverged_model(zygote, shards, tmp_path):
     out = tmp_path / "run"
     # epoch 1 at lr 0.01 (checkpointed), then lr x1e10: one finite step blows the weights up
-    rc, text = zygote.run(train_cmd(shards, out, "--epochs", "2", "--max-steps-per-epoch", "3", "--gamma", "1e10",
-                                    "--skip-nonfinite"), tmp_path / "log")
+    rc, text = zygote.run(
+        train_cmd(
+            shards, out, "--epochs", "2", "--max-steps-per-epoch", "3", "--gamma", "1e10", "--skip-nonfinite"
+        ),
+        tmp_path / "log",
+    )
     errors = [x for x in text.splitlines() if x.startswith("lesionkit train: error:")]
     assert rc == 1 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
     assert "validation outputs are not finite: the weights diverged" in errors[0]

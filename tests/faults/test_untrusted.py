@@ -1,5 +1,6 @@
 """Untrusted files: a checkpoint pickle carrying code is refused by --resume, evaluate and predict without
 running it; a W&B API key is written nowhere; a shard with path tricks in member names extracts nothing."""
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,11 @@ class Payload:
 def trained(zygote, shards, tmp_path_factory):
     """A 1-epoch run with W&B offline and an API key in the environment."""
     out = tmp_path_factory.mktemp("trusted") / "run"
-    rc, text = zygote.run(train_cmd(shards, out, "--epochs", "1", "--max-steps-per-epoch", "2", "--wandb"),
-                          out.parent / "log", env={"WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"})
+    rc, text = zygote.run(
+        train_cmd(shards, out, "--epochs", "1", "--max-steps-per-epoch", "2", "--wandb"),
+        out.parent / "log",
+        env={"WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"},
+    )
     assert rc == 0, text[-3000:]
     return out, text
 
@@ -46,12 +50,15 @@ def poisoned_copy(run: Path, dest: Path, name: str) -> Path:
     return marker
 
 
-@pytest.mark.parametrize("name", ["model.pt", "custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
+@pytest.mark.parametrize(
+    "name", ["model.pt", "custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"]
+)
 def test_resume_refuses_a_pickle_payload(zygote, shards, trained, tmp_path, name):
     run = tmp_path / "run"
     marker = poisoned_copy(trained[0], run, name)
-    rc, out = zygote.run(train_cmd(shards, run, "--epochs", "2", "--max-steps-per-epoch", "2", "--resume"),
-                         tmp_path / "log")
+    rc, out = zygote.run(
+        train_cmd(shards, run, "--epochs", "2", "--max-steps-per-epoch", "2", "--resume"), tmp_path / "log"
+    )
     errors = [x for x in out.splitlines() if x.startswith("lesionkit train: error:")]
     assert rc == 2 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
     assert f"{name}: refused to load, it holds more than tensors" in errors[0] and "posix.system" in errors[0]
@@ -62,10 +69,30 @@ def test_resume_refuses_a_pickle_payload(zygote, shards, trained, tmp_path, name
 def test_evaluate_and_predict_refuse_a_pickle_payload(zygote, shards, trained, tmp_path):
     marker = poisoned_copy(trained[0], tmp_path / "run", "model.pt")
     ckpt = tmp_path / "run" / "last"
-    for cmd in (["evaluate", "--checkpoint", ckpt, "--data", shards["val"], "--workers", "0",
-                 "--out", tmp_path / "eval"],
-                ["predict", "--checkpoint", ckpt, "--data", shards["val"], "--workers", "0",
-                 "--out", tmp_path / "sub.csv"]):
+    for cmd in (
+        [
+            "evaluate",
+            "--checkpoint",
+            ckpt,
+            "--data",
+            shards["val"],
+            "--workers",
+            "0",
+            "--out",
+            tmp_path / "eval",
+        ],
+        [
+            "predict",
+            "--checkpoint",
+            ckpt,
+            "--data",
+            shards["val"],
+            "--workers",
+            "0",
+            "--out",
+            tmp_path / "sub.csv",
+        ],
+    ):
         rc, out = zygote.run(cmd, tmp_path / f"{cmd[0]}.log")
         errors = [x for x in out.splitlines() if x.startswith(f"lesionkit {cmd[0]}: error:")]
         assert rc != 0 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
@@ -105,15 +132,39 @@ def test_shard_member_names_with_path_tricks_are_read_never_extracted(zygote, tr
     with tarfile.open(folder / "shard-000000.tar") as tar:
         assert {m.name for m in tar.getmembers()} >= {"../evil.jpg", f"{outside}/evil3.jpg"}
     counts = {"nevus": 2, "melanoma": 1, "seborrheic_keratosis": 1}
-    (folder / "manifest.json").write_text(json.dumps({
-        "format_version": 1, "classes": list(counts), "num_samples": 4, "counts": counts,
-        "shards": [{"name": "shard-000000.tar", "num_samples": 4, "counts": counts}], "params": {"size": 40}}))
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "classes": list(counts),
+                "num_samples": 4,
+                "counts": counts,
+                "shards": [{"name": "shard-000000.tar", "num_samples": 4, "counts": counts}],
+                "params": {"size": 40},
+            }
+        )
+    )
 
     work = tmp_path / "a" / "b" / "cwd"  # `../` and `../../` from here land in tmp_path/a, tmp_path
     work.mkdir(parents=True)
     before = {p for p in tmp_path.rglob("*")}
-    rc, out = zygote.run(["predict", "--checkpoint", trained[0] / "last", "--data", folder, "--workers", "0",
-                          "--format", "isic-scoring", "--out", work / "sub.csv"], tmp_path / "log", cwd=work)
+    rc, out = zygote.run(
+        [
+            "predict",
+            "--checkpoint",
+            trained[0] / "last",
+            "--data",
+            folder,
+            "--workers",
+            "0",
+            "--format",
+            "isic-scoring",
+            "--out",
+            work / "sub.csv",
+        ],
+        tmp_path / "log",
+        cwd=work,
+    )
     assert rc == 0, out[-3000:]
     created = {p for p in tmp_path.rglob("*")} - before
     assert created == {work / "sub.csv", tmp_path / "log"}, created

@@ -9,6 +9,7 @@ The server never runs torch code itself, so forking it is safe (one thread, no O
 Protocol (JSON lines): request {"argv", "log", "env", "cwd", "fsize_limit"} on stdin; the server answers
 {"pid"} when the child runs and {"pid", "rc", "cpu_s"} when it ended (rc < 0: killed by signal -rc).
 """
+
 from __future__ import annotations
 
 import atexit

@@ -3,6 +3,7 @@
 `sum` is an all_reduce of (rank + 1) over all ranks: world_size * (world_size + 1) / 2 only when the
 processes really share one group (unsynchronised processes each get 1). Usage: world.py OUT_DIR
 """
+
 import json
 import socket
 import sys
