@@ -5,12 +5,29 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 CLASSES = ["nevus", "melanoma", "seborrheic_keratosis"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_ddp(*target, procs: int = 2) -> list[str]:
+    """argv of `accelerate launch --multi_gpu` running `target` (a script and its flags, or `-m module ...`)
+    in `procs` processes: a real gloo DDP job on CPUs when run with ACCELERATE_USE_CPU=1 in the env."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    return [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            *map(str, target)]  # fmt: skip
 
 
 def make_shards(

@@ -2,23 +2,15 @@
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import make_shards
+from conftest import cpu_ddp, make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "ddp_scripts" / "data_ranks.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.ddp
@@ -28,25 +20,7 @@ def test_two_ranks_equal_batches_cover_train_and_eval_exactly_once(tmp_path):
     all_ids = {f"ISIC_{i:07d}" for i in range(manifest["num_samples"])}
     out = tmp_path / "out"
     out.mkdir()
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [
-        str(accelerate),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(SCRIPT),
-        str(tmp_path / "shards"),
-        str(out),
-    ]
+    cmd = cpu_ddp(SCRIPT, tmp_path / "shards", out)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,9 +7,7 @@ seeded, untrained customnet: the tests check plumbing and exactness, not accurac
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from lesionkit.data import Batch
 from lesionkit.models import create_model, input_stats
 from lesionkit.pack import pack
 from lesionkit.synth.generator import synthesize
+from tests.conftest import cpu_ddp
 
 CLASSES = ["nevus", "melanoma", "seborrheic_keratosis"]
 REPO = Path(__file__).resolve().parents[1]
@@ -105,12 +104,6 @@ def run_evaluate(fx, out, *extra):
     return json.loads((out / "metrics.json").read_text())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_metrics_equal_sklearn_on_written_predictions(fx, tmp_path):
     out = tmp_path / "ev"
     m = run_evaluate(fx, out, "--thresholds-from", str(fx["val"]))
@@ -153,20 +146,7 @@ def test_metrics_equal_sklearn_on_written_predictions(fx, tmp_path):
 def test_two_processes_give_the_same_metrics(fx, tmp_path):
     one = run_evaluate(fx, tmp_path / "one", "--tta", "flips")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+    cmd = cpu_ddp(
         "-m",
         "lesionkit.evaluate",
         "--checkpoint",
@@ -181,7 +161,7 @@ def test_two_processes_give_the_same_metrics(fx, tmp_path):
         "200",
         "--tta",
         "flips",
-    ]
+    )
     proc = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False
     )

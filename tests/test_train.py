@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lesionkit.checkpoint import trainer_state
+from tests.conftest import cpu_ddp
 from tests.wandb_log import logged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,22 +60,7 @@ def train(out, shards, *extra, procs=1, timeout=240, check=True):
     if procs == 1:
         cmd = [sys.executable, str(TRAIN)]
     else:
-        cmd = [
-            str(VENV_BIN / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(procs),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            str(TRAIN),
-        ]
+        cmd = cpu_ddp(TRAIN, procs=procs)
     e = env()
     if procs > 1:
         e["ACCELERATE_USE_CPU"] = "1"
@@ -90,14 +76,6 @@ def train(out, shards, *extra, procs=1, timeout=240, check=True):
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def history(out) -> list[dict]:

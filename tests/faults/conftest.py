@@ -148,24 +148,3 @@ def data_args(shards: dict, out: Path) -> list[str]:
 def train_cmd(shards: dict, out: Path, *extra) -> list[str]:
     """argv of `lesionkit train` with the tiny fast config."""
     return ["train", *FAST, *data_args(shards, out), *map(str, extra)]
-
-
-def launch_ddp(args: list[str], port: int, procs: int = 2, script: Path | None = None) -> list[str]:
-    """`accelerate launch --multi_gpu` on CPU (ACCELERATE_USE_CPU=1 in the env): the one real CPU DDP here."""
-    return [
-        str(VENV_BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(procs),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        str(script or REPO / "lesionkit" / "train.py"),
-        *args,
-    ]

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from lesionkit.checkpoint import trainer_state
-from tests.conftest import make_shards
+from tests.conftest import free_port, make_shards
 from tests.faults.conftest import train_cmd
-from tests.test_train import free_port
 
 
 def lone_rank0() -> dict:

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from lesionkit.checkpoint import trainer_state
-from tests.faults.conftest import REPO, base_env, data_args, launch_ddp
-from tests.test_train import TINY, free_port
+from tests.conftest import cpu_ddp
+from tests.faults.conftest import REPO, base_env, data_args
+from tests.test_train import TINY
 
 pytestmark = pytest.mark.ddp
 
@@ -26,7 +27,7 @@ class Job:
     def __init__(self, shards: dict, out: Path, *extra: str):
         self.log = out.parent / f"{out.name}.log"
         env = dict(base_env(), ACCELERATE_USE_CPU="1")
-        cmd = launch_ddp([*TINY, *data_args(shards, out), *extra], free_port())
+        cmd = cpu_ddp(REPO / "lesionkit" / "train.py", *TINY, *data_args(shards, out), *extra)
         self.proc = subprocess.Popen(
             cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO
         )
