@@ -12,9 +12,11 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync(path: str | Path) -> None:
@@ -34,20 +36,29 @@ def fsync_tree(root: str | Path) -> None:
         fsync(folder)
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
+@contextmanager
+def writing(path: str | Path) -> Iterator[BinaryIO]:
+    """`with writing(path) as f:` write `f`; on success it is flushed and renamed to `path`, on any error
+    (a check of the bytes written, say) the temp file is removed and `path` is untouched. For files too
+    big to hold in memory (downloaded shards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # several writers may race
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, "xb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync(path.parent)
-    return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with writing(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:

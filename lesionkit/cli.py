@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "predict": ("lesionkit.commands.predict", "write a submission CSV for a folder of images or shards"),
     "preview-aug": ("lesionkit.commands.preview", "write a PNG grid of original and augmented images"),
+    "weights": (
+        "lesionkit.commands.weights",
+        "fetch pretrained weights into a cache folder for nodes without internet",
+    ),
     "bench": ("benchmarks.cli", "benchmarks: loader, aug, step, e2e, pack, memory (baseline beside each)"),
 }
 

@@ -112,6 +112,34 @@ class TrainConfig:
     wandb_project: str = opt("lesionkit", "W&B project")
     run_name: str = opt("", "W&B run name")
     collective_timeout_s: int = opt(300, "seconds a rank waits in a collective before the job fails")
+    # issue 16: hardware profiles, LR scaling, remote shards, offline weights
+    profile: str = opt(
+        "auto",
+        "hardware profile: the machine-dependent settings (frozen blocks, image size, batch, precision, "
+        "channels_last, workers) from the recipe's `profiles` section (auto: gpu on CUDA/MPS, else cpu)",
+        ("auto", "cpu", "gpu"),
+    )
+    lr_scaling: str = opt(
+        "none",
+        "scale lr with the global batch: linear (x global/lr_batch), sqrt, auto (linear for SGD, sqrt for "
+        "Adam/AdamW)",
+        ("none", "linear", "sqrt", "auto"),
+    )
+    lr_batch: int = opt(
+        0, "global batch the recipe's lr is tuned for, the reference of lr_scaling (0: batch_size)"
+    )
+    lr_warmup_epochs: float = opt(
+        0.0, "linear LR warm-up applied per optimizer step over this many epochs (0 = off)"
+    )
+    cache_dir: str = opt("", "keep remote shards in this folder once checked against the manifest's sha256")
+    fetch_retries: int = opt(
+        5, "retries of a dropped or refused connection to remote shards (backoff doubles)"
+    )
+    weights_cache: str = opt(
+        "",
+        "folder filled by `lesionkit weights fetch` (default: $LESIONKIT_WEIGHTS_CACHE); when set, "
+        "pretrained weights come only from there, never downloaded",
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -198,6 +226,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"image_size must be within 32..2048, got {cfg.image_size}")
     if cfg.workers < 0:
         raise ConfigError(f"workers must be >= 0, got {cfg.workers}")
+    if cfg.lr_batch < 0 or cfg.lr_warmup_epochs < 0 or cfg.fetch_retries < 0:
+        raise ConfigError("lr_batch, lr_warmup_epochs and fetch_retries must be >= 0")
     return cfg
 
 
@@ -221,7 +251,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config",
         action="store_true",
-        help="print the resolved config (defaults < recipe < flags) as YAML and exit",
+        help="print the resolved config (defaults < profile < recipe < flags) as YAML and exit",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved plan (processes, devices, batch, LR, loader workers, shards per rank), exit",
     )
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -248,11 +283,25 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig()
-    if args.config:
-        cfg = apply_overrides(cfg, load_recipe(args.config), source=str(resolve_recipe(args.config)))
+    """defaults < hardware profile < recipe < the recipe's section for the profile < flags
+    (`lesionkit.profiles`); the profile follows the device this process trains on unless given."""
+    from lesionkit import devices, profiles
+
+    recipe = load_recipe(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k in _field_types() and v is not None}
-    return validate(apply_overrides(cfg, flags, source="command line"))
+    cfg = TrainConfig()
+    profile = flags.get("profile", recipe.get("profile", cfg.profile))
+    if profile not in CHOICES["profile"]:
+        raise ConfigError(f"profile={profile!r} is not one of: {', '.join(CHOICES['profile'])}")
+    if profile == "auto":
+        force_cpu = _coerce("cpu", flags.get("cpu", recipe.get("cpu", False)), bool)
+        device, _ = devices.select(force_cpu, strict=not getattr(args, "dry_run", False))
+        profile = profiles.for_device(device)
+    source = str(resolve_recipe(args.config)) if args.config else "defaults"
+    for where, values in profiles.layers(recipe, profile, source):
+        cfg = apply_overrides(cfg, values, source=where)
+    cfg = apply_overrides(cfg, flags, source="command line")
+    return validate(dataclasses.replace(cfg, profile=profile))
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -67,14 +67,15 @@ class _Shard:
     stored_size: int  # shorter side the images were packed at
 
 
-def _shards(dirs) -> tuple[list[str], list[_Shard]]:
-    classes, _, _ = dataset_info(dirs)
+def _shards(dirs, fetch: sources.Fetch | None = None) -> tuple[list[str], list[_Shard]]:
+    """Classes and shards of `dirs`; each url is a `sources.Address` (what to expect, how to fetch it)."""
+    classes, _, _ = dataset_info(dirs, fetch)
     shards = []
     for folder in as_list(dirs):
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder, fetch)
         stored = int(manifest.get("params", {}).get("size", 0))
         for rec in manifest["shards"]:
-            url = sources.join(folder, rec["name"])
+            url = sources.shard(folder, rec, fetch)
             if not sources.is_remote(url) and not sources.exists(url):
                 raise UsageError(f"shard {url} listed in {sources.join(folder, MANIFEST)} is missing")
             counts = tuple(int(rec.get("counts", {}).get(c, 0)) for c in classes)
@@ -520,16 +521,18 @@ def train_loader(
     max_batches: int = 0,
     prefetch_factor: int = 2,
     features: Callable[[dict], Sequence[float]] | None = None,
+    fetch: sources.Fetch | None = None,
 ) -> ShardLoader:
     """Training `Batch`es, full batches only, `len()` equal on all ranks.
 
     `balanced` draws classes with `class_weights` (default: equal); `batch_transform` runs in the
     worker on the uint8 batch (picklable); `skip_corrupt` skips undecodable samples with a warning
     instead of failing; `max_batches` > 0 caps the epoch (smoke runs); `features` (picklable) turns each
-    sample's JSON record into its metadata features (`Batch.meta`).
+    sample's JSON record into its metadata features (`Batch.meta`); `fetch` says how remote shards are
+    fetched (retries, cache folder).
     """
     _check_common(image_size, batch_size, workers, rank, world_size)
-    classes, shards = _shards(dirs)
+    classes, shards = _shards(dirs, fetch)
     slots = world_size * max(1, workers)
     if len(shards) < slots:
         total = sum(s.num_samples for s in shards)
@@ -578,12 +581,13 @@ def eval_loader(
     world_size: int,
     prefetch_factor: int = 2,
     features: Callable[[dict], Sequence[float]] | None = None,
+    fetch: sources.Fetch | None = None,
 ) -> ShardLoader:
     """Evaluation `Batch`es: in shard order, centre crop, every sample
     exactly once across all ranks and workers (batch counts may differ per rank: gather by key at the
     end, never per batch). Corrupt samples raise, naming shard and key."""
     _check_common(image_size, batch_size, workers, rank, world_size)
-    classes, shards = _shards(dirs)
+    classes, shards = _shards(dirs, fetch)
     stream = _Stream(
         shards,
         classes,

@@ -33,9 +33,21 @@ def task_of(info: dict) -> tasks.Task:
     return tasks.get_task(info["task"]) if info.get("task") else tasks.detect(info["classes"])
 
 
-def score(accelerator, model, info: dict, dirs, ckpt, tta: str, batch_size: int, workers: int, preprocess):
-    """(keys, labels, logits [N, V, C]) of every sample of `dirs`, gathered from all ranks on every rank."""
-    classes, _, num_samples = dataset_info(dirs)
+def score(
+    accelerator,
+    model,
+    info: dict,
+    dirs,
+    ckpt,
+    tta: str,
+    batch_size: int,
+    workers: int,
+    preprocess,
+    fetch=None,
+):
+    """(keys, labels, logits [N, V, C]) of every sample of `dirs`, gathered from all ranks on every rank;
+    `fetch` (`sources.Fetch`) says how remote shards are fetched."""
+    classes, _, num_samples = dataset_info(dirs, fetch)
     check_classes(info, classes, ckpt, " ".join(map(str, dirs)))
     loader = eval_loader(
         dirs,
@@ -44,6 +56,7 @@ def score(accelerator, model, info: dict, dirs, ckpt, tta: str, batch_size: int,
         workers=workers,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        fetch=fetch,
     )
     keys, labels, logits = predict_logits(
         model, loader, accelerator.device, preprocess, tta, autocast=accelerator.autocast

@@ -12,15 +12,16 @@ import json
 from pathlib import Path
 
 from lesionkit import sources
-from lesionkit.errors import UsageError
+from lesionkit.errors import RunError, UsageError
 
 FORMAT_VERSION = 1  # of the shard layout + manifest; readers refuse any other
 MANIFEST = "manifest.json"
 SHARD_NAME = "shard-{:06d}.tar"
 
 
-def read_manifest(location: str | Path) -> dict:
-    """manifest.json of a shard folder, checked for the format version this reader understands."""
+def read_manifest(location: str | Path, fetch: sources.Fetch | None = None) -> dict:
+    """manifest.json of a shard folder, checked for the format version this reader understands and for
+    shard names that stay inside the folder (a remote manifest is untrusted input)."""
     url = sources.join(location, MANIFEST)
     if not sources.is_remote(location):
         if not Path(location).is_dir():
@@ -28,7 +29,9 @@ def read_manifest(location: str | Path) -> dict:
         if not Path(url).is_file():
             raise UsageError(f"{url} not found: {location} is not a shard folder written by `lesionkit pack`")
     try:
-        manifest = json.loads(sources.read_bytes(url).decode("utf-8"))
+        manifest = json.loads(sources.read_bytes(url, fetch).decode("utf-8"))
+    except RunError as exc:  # remote: not found, refused, or gave up retrying; the message names the URL
+        raise UsageError(str(exc)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{url}: unreadable manifest ({exc})") from exc
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -40,6 +43,8 @@ def read_manifest(location: str | Path) -> dict:
     missing = [k for k in ("classes", "num_samples", "shards") if k not in manifest]
     if missing:
         raise UsageError(f"{url}: manifest lacks {', '.join(missing)}")
+    for shard in manifest["shards"]:
+        sources.check_name(shard.get("name") if isinstance(shard, dict) else shard, url)
     return manifest
 
 
@@ -47,11 +52,11 @@ def as_list(locations) -> list[str]:
     return [str(locations)] if isinstance(locations, (str, Path)) else [str(d) for d in locations]
 
 
-def dataset_info(locations) -> tuple[list[str], dict[str, int], int]:
+def dataset_info(locations, fetch: sources.Fetch | None = None) -> tuple[list[str], dict[str, int], int]:
     """(classes, counts per class, number of samples) over shard folders that share one class list."""
     classes, counts, total, first = None, {}, 0, None
     for folder in as_list(locations):
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder, fetch)
         if classes is None:
             classes, first = list(manifest["classes"]), folder
             counts = dict.fromkeys(classes, 0)
@@ -79,6 +84,10 @@ def sha256_file(path: str | Path) -> str:
 
 def verify(folder: str | Path) -> list[str]:
     """Problems found re-hashing the shards of one folder ([] when every shard matches its manifest)."""
+    if sources.is_remote(folder):
+        raise UsageError(
+            f"{folder}: --verify re-hashes local folders; remote shards are checked as they are read"
+        )
     folder = Path(folder)
     manifest = read_manifest(folder)
     problems = []

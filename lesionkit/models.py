@@ -18,6 +18,8 @@ import torch
 import torchvision
 from torch import nn
 
+from lesionkit.errors import RunError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,11 +105,12 @@ def _torchvision(name: str, num_classes: int, pretrained: bool) -> nn.Module:
         model = torchvision.models.get_model(name, weights=weights)
     except OSError as e:  # URLError, DNS failure, timeout, refused connection: all OSError
         file = Path(weights.url).name
-        raise RuntimeError(
-            f"could not download the ImageNet weights for {name} ({e}). No internet here? Either copy "
-            f"{weights.url} to {Path(torch.hub.get_dir()) / 'checkpoints' / file}, pass --weights PATH "
-            f"(a local state dict), or use efficientnet_lite0 (its ImageNet weights ship with a Python "
-            f"package and work offline)."
+        raise RunError(
+            f"could not download the ImageNet weights for {name} ({e}). No internet here? Where there "
+            f"is, run `lesionkit weights fetch {name} --weights-cache DIR` and train with --weights-cache "
+            f"DIR; or copy {weights.url} to {Path(torch.hub.get_dir()) / 'checkpoints' / file}, pass "
+            f"--weights PATH (a local state dict), or use efficientnet_lite0 (its ImageNet weights ship "
+            f"with a Python package and work offline)."
         ) from e
     head_name = _TORCHVISION_HEADS[name]
     old = model.get_submodule(head_name)

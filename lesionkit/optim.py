@@ -15,6 +15,8 @@ To have a scheduler saved by `accelerator.save_state`, use `accelerator.register
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
@@ -92,3 +94,26 @@ def step_scheduler(scheduler, metric: float | None = None) -> None:
         scheduler.step(float(metric))
     else:
         scheduler.step()
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear per-step warm-up: batch `step` (from 0) of the first `warmup_steps` trains at
+    (step + 1) / warmup_steps of the scheduler's LR (Goyal et al. 2017, for large scaled LRs)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+@contextmanager
+def scaled_lr(optimizer: torch.optim.Optimizer, factor: float):
+    """Step at `factor` x every group's LR, then put the scheduler's LR back: the epoch scheduler reads and
+    writes `group['lr']` and must never see the warm-up."""
+    if factor == 1.0:
+        yield
+        return
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, saved):
+            group["lr"] = lr

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from lesionkit import checkpoint, seeds, tasks, tracking
+from lesionkit import checkpoint, devices, planning, seeds, sources, tasks, tracking, weights
 from lesionkit.augment import build_augment, build_mixup, choose_placement, preset_params
 from lesionkit.config import TrainConfig
 from lesionkit.data import eval_loader, train_loader
@@ -52,7 +52,7 @@ from lesionkit.models import (
     list_models,
     prepare_model,
 )
-from lesionkit.optim import build_optimizer, build_scheduler, step_scheduler
+from lesionkit.optim import build_optimizer, build_scheduler, scaled_lr, step_scheduler, warmup_factor
 from lesionkit.reporter import Reporter
 
 
@@ -119,6 +119,7 @@ class TrainContext:
     state: LoopState
     reporter: Reporter
     stop: StopRequest
+    warmup_steps: int = 0  # batches of per-step LR warm-up (lr_warmup_epochs x batches per epoch)
 
     @property
     def run_dir(self) -> Path:
@@ -178,7 +179,7 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
         raise ConfigError(str(e)) from None
     for split in ("train", "val"):
         for d in getattr(cfg, split):
-            if not (Path(d) / "manifest.json").is_file():
+            if not sources.is_remote(d) and not (Path(d) / "manifest.json").is_file():
                 raise ConfigError(
                     f"--{split} {d}: no manifest.json there (pack images with `lesionkit pack`)"
                 )
@@ -255,8 +256,8 @@ def make_accelerator(cfg: TrainConfig):
         tracking.setup_wandb_env()
     return Accelerator(
         # Without a GPU, cpu=True is what makes a multi-process launch a real (gloo) DDP job; a YAML
-        # with use_cpu alone starts N unsynchronised single processes.
-        cpu=cfg.cpu or not torch.cuda.is_available(),
+        # with use_cpu alone starts N unsynchronised single processes. GPUs asked for but unusable: exit 2.
+        cpu=devices.select(cfg.cpu)[0] == devices.CPU,
         mixed_precision=mixed_precision(cfg),
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="wandb" if cfg.wandb else None,
@@ -271,24 +272,51 @@ def class_weight_tensor(counts: dict[str, int], classes: list[str]) -> torch.Ten
     return n.sum() / (len(classes) * n)
 
 
-def build(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> TrainContext:
+def agreed_workers(accelerator, plan: planning.Plan) -> tuple[int, int]:
+    """(training, validation) loader workers every rank uses: the smallest any rank planned (nodes may
+    have different CPUs, and the shard plan needs the same count everywhere)."""
+    if plan.launch.world != accelerator.num_processes:
+        raise RunError(
+            f"planned for {plan.launch.world} process(es) (WORLD_SIZE) but accelerate started "
+            f"{accelerator.num_processes}"
+        )
+    workers = plan.workers
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        workers = min(gather_object([workers]))
+    return workers, min(workers, plan.val_workers)
+
+
+def build(
+    cfg: TrainConfig, monitor: tasks.Monitor | None = None, plan: planning.Plan | None = None
+) -> TrainContext:
     """The accelerator, model, optimizer, scheduler, EMA, augmentation, loss and loaders of a run, with the
-    trainer's state registered for checkpointing. Same seed, same initial weights on every rank."""
+    trainer's state registered for checkpointing. Same seed, same initial weights on every rank. `plan`
+    (`lesionkit.planning`; made here when not given) sets the loader workers and the scaled LR."""
     from accelerate.utils import set_seed
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+    plan = plan or planning.make(cfg)
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    classes, counts, _ = dataset_info(cfg.train)
-    task = tasks.for_manifest(read_manifest(cfg.train[0]))
+    workers, val_workers = agreed_workers(accelerator, plan)
+    fetch = sources.Fetch(cache_dir=cfg.cache_dir or None, retries=cfg.fetch_retries)
+    classes, counts, _ = dataset_info(cfg.train, fetch)
+    task = tasks.for_manifest(read_manifest(cfg.train[0], fetch))
     monitor = monitor or task.monitor_for(cfg.monitor, classes)
 
     set_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=len(classes), pretrained=cfg.pretrained, weights=cfg.weights)
+    with accelerator.local_main_process_first():  # a download happens once per node; the others read it
+        model = create_model(
+            cfg.model, num_classes=len(classes), pretrained=cfg.pretrained, weights=weights.resolve(cfg)
+        )
     if cfg.freeze_blocks:
         freeze_leading_blocks(model, cfg.freeze_blocks)
     model = prepare_model(model, channels_last=cfg.channels_last, compile=cfg.compile)
-    model, optimizer = accelerator.prepare(model, build_optimizer(cfg, model))
+    model, optimizer = accelerator.prepare(
+        model, build_optimizer(dataclasses.replace(cfg, lr=plan.lr), model)
+    )
     scheduler = build_scheduler(cfg, optimizer, monitor.mode)
     ema = (
         AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
@@ -308,6 +336,22 @@ def build(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> TrainContex
     preprocess = build_augment("none", cfg.image_size, mean, std, color_constancy=cfg.color_constancy)
     state = LoopState(best=monitor.worst)
     accelerator.register_for_checkpointing(TrainerState(state, scheduler, ema))
+    loader = train_loader(
+        cfg.train,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        workers=workers,
+        seed=cfg.seed,
+        epoch=0,
+        rank=rank,
+        world_size=world,
+        shuffle_buffer=cfg.shuffle_buffer,
+        balanced=cfg.balanced,
+        batch_transform=augment if placement == "workers" else None,
+        skip_corrupt=cfg.skip_corrupt,
+        max_batches=cfg.max_steps_per_epoch,
+        fetch=fetch,
+    )
     return TrainContext(
         cfg=cfg,
         accelerator=accelerator,
@@ -323,28 +367,15 @@ def build(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> TrainContex
         preprocess=preprocess.eval().to(device),
         mixup=build_mixup(len(classes), cfg.mixup_alpha, cfg.cutmix_alpha),
         class_weights=class_weight_tensor(counts, classes).to(device) if cfg.class_weights else None,
-        train_loader=train_loader(
-            cfg.train,
-            image_size=cfg.image_size,
-            batch_size=cfg.batch_size,
-            workers=cfg.workers,
-            seed=cfg.seed,
-            epoch=0,
-            rank=rank,
-            world_size=world,
-            shuffle_buffer=cfg.shuffle_buffer,
-            balanced=cfg.balanced,
-            batch_transform=augment if placement == "workers" else None,
-            skip_corrupt=cfg.skip_corrupt,
-            max_batches=cfg.max_steps_per_epoch,
-        ),
+        train_loader=loader,
         val_loader=eval_loader(
             cfg.val,
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
-            workers=cfg.workers,
+            workers=val_workers,
             rank=rank,
             world_size=world,
+            fetch=fetch,
         )
         if cfg.val
         else None,
@@ -352,6 +383,7 @@ def build(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> TrainContex
         state=state,
         reporter=Reporter(accelerator, cfg, task.table_columns(classes), monitor),
         stop=StopRequest(),
+        warmup_steps=round(cfg.lr_warmup_epochs * len(loader)),
     )
 
 
@@ -419,7 +451,8 @@ def train_step(ctx: TrainContext, batch, epoch: int, step: int) -> tuple[float, 
             accelerator.backward(loss)
             if cfg.clip_grad and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
+            with scaled_lr(optimizer, warmup_factor(ctx.state.global_step, ctx.warmup_steps)):
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ctx.ema is not None and accelerator.sync_gradients:
                 ctx.ema.update_parameters(accelerator.unwrap_model(model))
@@ -539,12 +572,12 @@ def weights_digest(model) -> str:
 # ---------------------------------------------------------------------------------------------- loop
 
 
-def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> int:
+def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None, plan: planning.Plan | None = None) -> int:
     cfg = use_demo_data(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # before any rank can reach a save
         for stale in checkpoint.clean_staging(Path(cfg.output_dir)):
             print(f"lesionkit: removed {stale}, an unfinished checkpoint of an interrupted run", flush=True)
-    ctx = build(cfg, monitor)
+    ctx = build(cfg, monitor, plan)
     state, accelerator = ctx.state, ctx.accelerator
     if cfg.resume:
         resume(ctx)

@@ -113,11 +113,37 @@ def test_resume_into_another_model_or_class_set(shards, tmp_path, capsys):
     one_error(capsys, rc, "--resume", "'seborrheic_keratosis'", "['nevus', 'melanoma']")
 
 
-def test_print_config_resolves_defaults_recipe_and_flags(capsys):
-    assert run_command("train", ["--config", "customnet", "--lr", "0.002", "--print-config"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+def test_print_config_resolves_defaults_profile_recipe_and_flags(capsys):
+    from lesionkit.profiles import GENERIC
+
     recipe = yaml.safe_load((RECIPES_DIR / "customnet.yaml").read_text())
-    assert printed == {**dataclasses.asdict(TrainConfig()), **recipe, "lr": 0.002}
+    sections = recipe.pop("profiles")
+    defaults = dataclasses.asdict(TrainConfig())
+    assert run_command("train", ["--config", "customnet", "--lr", "0.002", "--cpu", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == {
+        **defaults,
+        **GENERIC["cpu"],
+        **recipe,
+        **sections["cpu"],
+        "lr": 0.002,
+        "cpu": True,
+        "profile": "cpu",
+    }
+    assert printed["image_size"] == 128  # the CPU profile of the recipe
+
+    flags = ["--config", "customnet", "--profile", "gpu", "--batch-size", "96", "--print-config"]
+    assert run_command("train", flags) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == {
+        **defaults,
+        **GENERIC["gpu"],
+        **recipe,
+        **sections["gpu"],
+        "batch_size": 96,
+        "profile": "gpu",
+    }
+    assert printed["image_size"] == 224 and printed["lr_scaling"] == "auto" and printed["workers"] == 8
 
 
 def test_help_lists_every_field_with_its_help_default_and_choices(capsys):

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from lesionkit import metrics as M
+from lesionkit import sources
 from lesionkit.atomic import write_json
 from lesionkit.config import TTA_MODES
 from lesionkit.errors import UsageError
@@ -17,7 +18,13 @@ from lesionkit.manifest import MANIFEST
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/NAME/best")
-    parser.add_argument("--data", required=True, nargs="+", metavar="DIR", help="shard folder(s) to score")
+    parser.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="DIR",
+        help="shard folder(s) to score: local, http(s)://, s3://, gs:// or 'pipe:COMMAND {shard}'",
+    )
     parser.add_argument("--out", help="output folder (default: <checkpoint>/../eval-<data folder name>)")
     parser.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -44,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument(
+        "--cache-dir", help="keep remote shards here once checked against the manifest's sha256"
+    )
+    parser.add_argument(
+        "--fetch-retries", type=int, default=5, help="retries of a dropped connection to remote shards"
+    )
+    parser.add_argument(
         "--wandb",
         action="store_true",
         help="also log the metrics and plots to W&B: into the training run of the checkpoint "
@@ -62,7 +75,12 @@ def run(args: argparse.Namespace) -> int:
     model, info, temperature = load_checkpoint(args.checkpoint, accelerator.device)
     temperature = args.temperature or temperature
     classes, task = list(info["classes"]), task_of(info)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{Path(args.data[0]).name}"
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(args.checkpoint).parent / f"eval-{sources.display_name(args.data[0])}"
+    )
+    fetch = sources.Fetch(cache_dir=args.cache_dir, retries=args.fetch_retries)
     preprocess = build_preprocess(info, accelerator.device)
 
     def scored(dirs):
@@ -76,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             args.batch_size,
             args.workers,
             preprocess,
+            fetch,
         )
 
     keys, labels, logits = scored(args.data)
@@ -125,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         classes,
         M.choose_thresholds(labels, probs, classes),
         args.data,
-        title=f"ROC: {info['model']} on {Path(args.data[0]).name}",
+        title=f"ROC: {info['model']} on {sources.display_name(args.data[0])}",
     )
     if args.fit_temperature:
         write_json(
@@ -142,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             f"{Path(args.checkpoint) / TEMPERATURE_FILE}"
         )
     if args.wandb:
-        log_to_wandb(Path(args.checkpoint), info, f"eval/{Path(args.data[0]).name}", m, out)
+        log_to_wandb(Path(args.checkpoint), info, f"eval/{sources.display_name(args.data[0])}", m, out)
     print(summary_table(m, classes, task))
     print(
         f"lesionkit evaluate: {len(keys)} images, tta={args.tta}, {accelerator.num_processes} process(es) "

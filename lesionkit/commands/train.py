@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lesionkit import planning
 from lesionkit.config import add_config_flags, config_from_args, to_yaml
 from lesionkit.train import check_config, probe_writable, train, use_demo_data
 
@@ -20,5 +21,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = use_demo_data(cfg)
     monitor = check_config(cfg)
+    plan = planning.make(cfg, strict=not args.dry_run)
+    if plan.launch.rank == 0:
+        print(plan.describe(cfg), flush=True)
+    if args.dry_run:
+        return 0
     probe_writable(Path(cfg.output_dir))
-    return train(cfg, monitor)
+    return train(cfg, monitor, plan)
