@@ -5,11 +5,22 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: venv slurm demo test test-fast lint format clean
 
-# Rebuilt only when setup.cfg/pyproject.toml change (the stamp is newer otherwise).
-$(STAMP): setup.cfg pyproject.toml
+# The torch wheel flavour: unset = PyPI's default build; TORCH_INDEX=cpu on CPU-only machines (CPU wheels,
+# a far smaller download); cu126, cu128, ... for the CUDA the nodes' driver supports (the trainer's device
+# check names a mismatch). `make venv TORCH_INDEX=cpu` remembers it in .venv/.torch-index; a new value
+# reinstalls torch.
+TORCH_INDEX ?= $(shell cat $(VENV)/.torch-index 2>/dev/null)
+TORCH_FROM  := $(if $(TORCH_INDEX),--index-url https://download.pytorch.org/whl/$(TORCH_INDEX))
+
+.PHONY: FORCE
+$(VENV)/.torch-index: FORCE
+	@mkdir -p $(VENV); [ -f $@ ] && [ "$$(cat $@)" = "$(TORCH_INDEX)" ] || echo "$(TORCH_INDEX)" > $@
+
+# Rebuilt only when setup.cfg/pyproject.toml or the torch flavour change (the stamp is newer otherwise).
+$(STAMP): setup.cfg pyproject.toml $(VENV)/.torch-index
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 || $(BIN)/pip install -q torch torchvision
+	$(BIN)/pip install -q $(TORCH_FROM) torch==2.14.1 torchvision==0.29.1 || $(BIN)/pip install -q $(TORCH_FROM) torch torchvision
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

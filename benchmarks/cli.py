@@ -36,6 +36,12 @@ def add_arguments(parser) -> None:
         help="training size (default: the size the shards were packed at, so no resize)",
     )
     p.add_argument("--epochs", type=int, default=1, help="passes per timed run (more for tiny folders)")
+    p.add_argument(
+        "--gpu-rate",
+        type=float,
+        default=8000,
+        help="images/s a GPU trains at: prints the loader cores it needs (default: 8000, an H100's resnet18)",
+    )
     _add_common(p)
 
     p = sub.add_parser(

@@ -1,7 +1,16 @@
 """`lesionkit bench loader`: images/s of the shard stream vs the seed's per-file PIL Dataset on the same
-images (and the same stream with its tars parsed by wds.WebDataset: why data.py has its own reader)."""
+images (and the same stream with its tars parsed by wds.WebDataset: why data.py has its own reader; and
+streamed over HTTP from a server on loopback, served from this process). Also the CPU cost of read +
+decode + collate per image (one process, no workers) and the loader cores a GPU's step rate would need."""
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +37,24 @@ class _PilFiles:
         with Image.open(self.paths[i]) as im:
             image = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
         return torch.from_numpy(np.array(image)).permute(2, 0, 1), self.labels[i]
+
+
+@contextmanager
+def serving(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
+    """Run an HTTP server on a thread of this process for the `with` block (tests/loopback.py's too)."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
 
 
 def _count_images(loader, epochs: int) -> int:
@@ -57,12 +84,12 @@ def bench(args) -> int:
             f"but only {len(table)} of them are in {images} + {labels}"
         )
 
-    def shards(read=None) -> int:
+    def shards(read=None, location=args.dir, workers=args.workers) -> int:
         loader = train_loader(
-            args.dir,
+            location,
             image_size=size,
             batch_size=args.batch_size,
-            workers=args.workers,
+            workers=workers,
             seed=0,
             epoch=0,
             rank=0,
@@ -83,11 +110,19 @@ def bench(args) -> int:
         )
         return _count_images(loader, args.epochs)
 
-    cases = {
-        "shards": measure(shards, args.repeats),
-        "shards, wds tar reader": measure(lambda: shards(read_with_webdataset), args.repeats),
-        "files (seed)": measure(files, args.repeats),
-    }
+    folder = Path(args.dir).resolve()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(folder.parent)))
+    with serving(server):
+        url = f"http://127.0.0.1:{server.server_address[1]}/{folder.name}/"
+        cases = {
+            "shards": measure(shards, args.repeats),
+            "shards over HTTP (loopback)": measure(lambda: shards(location=url), args.repeats),
+            "shards, wds tar reader": measure(lambda: shards(read_with_webdataset), args.repeats),
+            "shards, no workers": measure(lambda: shards(workers=0), args.repeats),
+            "files (seed)": measure(files, args.repeats),
+        }
+    per_image = cases["shards, no workers"]["cpu_ms_per_item"]  # read + decode + collate, nothing else
+    cores = args.gpu_rate * per_image / 1e3
     params = {
         "dir": str(args.dir),
         "images": str(images),
@@ -99,6 +134,13 @@ def bench(args) -> int:
         "epochs": args.epochs,
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
+        "decode_collate_cpu_ms_per_image": per_image,
+        "gpu_rate": args.gpu_rate,
+        "loader_cores_needed": round(cores, 1),
     }
+    print(
+        f"read + decode + collate: {per_image:.2f} CPU ms per image at {size} px; a GPU training at "
+        f"{args.gpu_rate:,.0f} images/s needs {cores:.1f} loader cores"
+    )
     report("loader", cases, "files (seed)", params, args.out)
     return 0

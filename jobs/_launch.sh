@@ -18,7 +18,12 @@
 #   LK_ACCELERATE      the accelerate executable                      [$LK_REPO/.venv/bin/accelerate]
 #   LK_TRAIN_SCRIPT    the training entry point                       [$LK_REPO/lesionkit/train.py]
 #   LK_MAX_REQUEUES    give up after this many self-requeues          [20]
-#   LK_DRY_RUN=1       print the launch command and exit
+#   LK_DRY_RUN=1       print the launch command and the trainer's plan for this allocation, and exit
+#
+# Planning: the trainer prints its plan once (processes, device, batch, LR, loader workers, shards per rank)
+# and caps each process's loader workers at the recipe's value, SLURM_CPUS_PER_TASK / processes on the node,
+# and its share of the shards: give a GPU job about 8 CPUs per GPU (`--cpus-per-task=32` with 4 GPUs).
+# GPUs asked for (LK_GPUS_PER_NODE, SLURM_GPUS_ON_NODE) but unusable by torch stop the job with the reason.
 #
 # Pre-emption: `#SBATCH --signal=B:USR1@120` sends SIGUSR1 to this batch shell 2 minutes before the time
 # limit (and `scancel --signal=USR1 --batch JOBID` does so by hand). We forward it through srun to every
@@ -57,6 +62,7 @@ if [ -z "${LK_ACCELERATE:-}" ]; then
 fi
 LK_GPUS_PER_NODE=${LK_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
 [[ "$LK_GPUS_PER_NODE" =~ ^[0-9]+$ ]] || lk_die "LK_GPUS_PER_NODE must be a number, got '$LK_GPUS_PER_NODE'"
+export LK_GPUS_PER_NODE  # the trainer's device check: GPUs asked for must be usable
 if [ "$LK_GPUS_PER_NODE" -gt 0 ]; then LK_PROCS_PER_NODE=${LK_PROCS_PER_NODE:-$LK_GPUS_PER_NODE}
 else LK_PROCS_PER_NODE=${LK_PROCS_PER_NODE:-1}; fi
 [[ "$LK_PROCS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || lk_die "LK_PROCS_PER_NODE must be >= 1, got '$LK_PROCS_PER_NODE'"
@@ -130,7 +136,12 @@ lk_log "job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLUR
        "$NNODES node(s) x $LK_PROCS_PER_NODE process(es), GPUs/node $LK_GPUS_PER_NODE," \
        "config $(basename "$LK_ACCELERATE_CONFIG"), output $LK_OUTPUT"
 lk_log "node command: $LK_ACCELERATE launch --machine_rank \$SLURM_NODEID ${launch_args[*]} $LK_TRAIN_SCRIPT ${train_args[*]}"
-if [ "${LK_DRY_RUN:-0}" = 1 ]; then exit 0; fi
+if [ "${LK_DRY_RUN:-0}" = 1 ]; then
+  # the trainer's own plan, as each process will compute it (a dry run plans for GPUs this host may lack)
+  WORLD_SIZE=$NPROCS LOCAL_WORLD_SIZE=$LK_PROCS_PER_NODE RANK=0 \
+    "$(dirname "$LK_ACCELERATE")/python" "$LK_TRAIN_SCRIPT" "${train_args[@]}" --dry-run
+  exit $?
+fi
 
 signalled=""
 step_pid=""

@@ -1,12 +1,13 @@
 #!/bin/bash
 # ResNet18 fine-tuned with SGD + StepLR(7): the study's best recipe (lesionkit/recipes/resnet18.yaml).
 #   sbatch jobs/resnet.sh                                   # 1 node; CPU unless the job gets GPUs:
-#   sbatch --gpus-per-node=4 jobs/resnet.sh                 # 1 node, 4 GPUs (DDP, bf16)
-#   sbatch --nodes=2 --gpus-per-node=4 jobs/resnet.sh       # 2 nodes x 4 GPUs
+#   sbatch --gpus-per-node=4 --cpus-per-task=32 jobs/resnet.sh  # 1 node, 4 GPUs (DDP, bf16, 8 loader CPUs each)
+#   sbatch --nodes=2 --gpus-per-node=4 --cpus-per-task=32 jobs/resnet.sh  # 2 nodes x 4 GPUs
 #   LK_TRAIN=/data/train LK_VAL=/data/val LK_EPOCHS=5 sbatch jobs/resnet.sh
 # Every setting (data, recipe, epochs, GPUs, output, extra trainer flags) is an LK_* environment variable:
 # see jobs/_launch.sh. GPUs are not requested here so the script also runs on CPU-only partitions;
-# on a GPU cluster add them on the sbatch command line (or uncomment the --gpus-per-node line).
+# on a GPU cluster add them on the sbatch command line (or uncomment the --gpus-per-node line), with CPUs
+# for the loader workers: the trainer gives each process cpus-per-task / GPUs of them (its plan says so).
 #SBATCH --job-name=lk-resnet18
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

@@ -10,10 +10,11 @@ from __future__ import annotations
 import socket
 import threading
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from benchmarks.loader import serving
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -65,14 +66,6 @@ class _Server(ThreadingHTTPServer):
             self.faults[path] += [kind] * times
 
 
-@contextmanager
 def serve(root: Path):
-    server = _Server(Path(root))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    """`with serve(root) as server:` the files under `root` on http://127.0.0.1:PORT (`server.url`)."""
+    return serving(_Server(Path(root)))

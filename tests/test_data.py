@@ -313,7 +313,21 @@ def test_bench_loader_prints_shards_next_to_the_per_file_baseline(isic_val, tmp_
     record = json.loads(out.read_text())
     assert record["bench"] == "loader" and record["params"]["num_samples"] == 150
     assert record["params"]["image_size"] == 32  # default: the size the shards were packed at
-    assert set(record["cases"]) == {"shards", "shards, wds tar reader", "files (seed)"}
+    assert set(record["cases"]) == {
+        "shards",
+        "shards over HTTP (loopback)",
+        "shards, wds tar reader",
+        "shards, no workers",
+        "files (seed)",
+    }
+    assert record["cases"]["shards over HTTP (loopback)"]["items"] == 150
+    params = record["params"]  # the CPU cost of decode + collate and the cores a GPU's rate would need
+    assert (
+        params["decode_collate_cpu_ms_per_image"]
+        == record["cases"]["shards, no workers"]["cpu_ms_per_item"]
+        > 0
+    )
+    assert params["loader_cores_needed"] == round(8000 * params["decode_collate_cpu_ms_per_image"] / 1e3, 1)
     assert record["cases"]["files (seed)"]["ratio"] == 1.0
     assert record["cases"]["shards"]["items"] == 150 and record["cases"]["files (seed)"]["items"] == 150
     assert "files (seed)" in capsys.readouterr().out

@@ -135,14 +135,26 @@ def jobs(cluster, shards, tmp_path_factory):
         "two_nodes": sbatch(
             cluster, "customnet.sh", logdir, "two-nodes", "--nodes=2", **data, extra_args=SMOKE
         ),
-        "resnet": sbatch(
+        "resnet": sbatch(  # the recipe's loader workers, capped by the planning at the job's one CPU
             cluster,
             "resnet.sh",
             logdir,
             "resnet",
             **data,
-            extra_args=SMOKE.replace("--max-steps-per-epoch 3", "--max-steps-per-epoch 2")
+            extra_args=SMOKE.replace("--max-steps-per-epoch 3", "--max-steps-per-epoch 2").replace(
+                "--workers 0 ", ""
+            )
             + " --no-pretrained",
+        ),
+        "few_shards": sbatch(  # 2 nodes x 2 processes for the 2 training shards
+            cluster,
+            "customnet.sh",
+            logdir,
+            "few-shards",
+            "--nodes=2",
+            **data,
+            procs_per_node=2,
+            extra_args=SMOKE,
         ),
         "bad_data": sbatch(
             cluster,
@@ -237,6 +249,11 @@ def test_resnet_job_completes_with_checkpoint_and_metrics(cluster, jobs):
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), info["log"]
     assert "resnet18 on 1 x cpu" in info["log"]
     assert "config cpu.yaml" in info["log"]
+    assert info["log"].count("lesionkit plan: 1 process(es) = 1 node(s) x 1, device cpu, profile cpu") == 1
+    assert (
+        "lesionkit plan: loader workers 1 per process (capped by 1 CPU(s) (SLURM_CPUS_PER_TASK=1) / "
+        "1 process(es) on the node)" in info["log"]
+    )
     for link in ("last", "best"):
         assert (out / link / "model.pt").is_file() and (out / link / "info.json").is_file()
     assert read_json(out / "last" / "info.json")["model"] == "resnet18"
@@ -252,11 +269,24 @@ def test_two_node_job_trains_one_ddp_group_across_the_nodes(cluster, jobs):
     assert info["NodeList"] == "lkn[1-2]" and info["NumNodes"] == "2"
     assert "2 node(s) x 1 process(es)" in info["log"] and "config cpu_ddp.yaml" in info["log"]
     assert "--main_process_ip lkn1 --rdzv_backend c10d" in info["log"]
+    assert info["log"].count("lesionkit plan: 2 process(es) = 2 node(s) x 1, device cpu") == 1  # rank 0 only
+    assert "lesionkit plan: training shards 2: 1 per rank" in info["log"]
     world = read_json(out / "world.json")
     assert world["world_size"] == 2
     digests = world["weights_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert read_json(out / "metrics.json")["epoch"] == 2
+
+
+def test_too_few_shards_for_the_allocation_fail_before_training_naming_the_shard_size(cluster, jobs):
+    job, log, out = jobs["few_shards"]
+    info = wait_done(cluster, job, log)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info["log"]
+    assert "2 node(s) x 2 process(es)" in info["log"]
+    # 24 samples for 4 processes x 1 worker (--workers 0 loads in the process): 6 per shard
+    assert "2 training shard(s) in " in info["log"] and "for 4 processes" in info["log"]
+    assert "--shard-size 6 --force` (4 shards for 4 process(es) x 1 loader worker(s))" in info["log"]
+    assert "train_loss" not in info["log"] and not (out / "status.json").exists()  # nothing trained
 
 
 def test_failing_training_fails_the_job_and_says_why(cluster, jobs):
@@ -266,6 +296,17 @@ def test_failing_training_fails_the_job_and_says_why(cluster, jobs):
     assert "no-such-shards: no manifest.json there" in info["log"]
     assert "training failed with exit code" in info["log"]
     assert info["Restarts"] == "0"
+
+
+@pytest.fixture(scope="module")
+def plan_shards(tmp_path_factory):
+    """Enough shards for the largest allocation the launcher tests plan (8 processes)."""
+    from tests.conftest import make_shards
+
+    root = tmp_path_factory.mktemp("plan-shards")
+    make_shards(root / "train", 160, 16)
+    make_shards(root / "val", 16, 2, prefix="VAL_")
+    return root
 
 
 @pytest.mark.parametrize(
@@ -279,10 +320,16 @@ def test_failing_training_fails_the_job_and_says_why(cluster, jobs):
         ("4", "2", "", "multi_node.yaml", 8),
     ],
 )
-def test_launcher_picks_the_accelerate_config_for_the_allocation(cluster, gpus, nodes, procs, config, nprocs):
-    """LK_DRY_RUN prints the launch without running it: the GPU paths, checked where no GPU exists."""
-    env = {k: v for k, v in cluster.items() if not k.startswith(("SLURM_JOB", "LK_"))}
+def test_launcher_picks_the_accelerate_config_for_the_allocation(
+    cluster, plan_shards, gpus, nodes, procs, config, nprocs
+):
+    """LK_DRY_RUN prints the launch and the trainer's plan without running it: the GPU paths, checked where
+    no GPU exists (the plan says a real run here would stop)."""
+    env = {k: v for k, v in cluster.items() if not k.startswith(("SLURM_", "LK_"))}
     env.update(
+        SLURM_CONF=cluster["SLURM_CONF"],
+        LK_TRAIN=str(plan_shards / "train"),
+        LK_VAL=str(plan_shards / "val"),
         LK_DRY_RUN="1",
         LK_GPUS_PER_NODE=gpus,
         LK_PROCS_PER_NODE=procs,
@@ -304,6 +351,16 @@ def test_launcher_picks_the_accelerate_config_for_the_allocation(cluster, gpus, 
     cmd = proc.stdout.split("node command: ", 1)[1]
     assert f"--num_processes {nprocs} --num_machines {nodes} " in cmd
     assert "--config efficientnet_lite0 " in cmd and "--resume" in cmd and "--epochs 3" in cmd
-    assert cmd.rstrip().endswith("--batch-size 128 --no-wandb")
+    assert cmd.splitlines()[0].rstrip().endswith("--batch-size 128 --no-wandb")
     assert (" --cpu " in cmd) == (gpus == "0")
+    per_node = nprocs // int(nodes)
+    plan = proc.stdout.split("lesionkit plan: ", 1)[1]
+    assert plan.startswith(f"{nprocs} process(es) = {nodes} node(s) x {per_node}, device ")
+    assert ("device cuda, profile gpu [LK_GPUS_PER_NODE" in plan) == (gpus != "0")
+    assert (
+        f"batch 128 per device x {nprocs} process(es) x 1 accumulation = global batch {128 * nprocs}" in plan
+    )
+    if gpus != "0":  # AdamW: square-root scaling from the 32 the recipe's lr is tuned for; a per-step warm-up
+        lr = 0.0005 * (128 * nprocs / 32) ** 0.5
+        assert f"lr {lr:.4g} (sqrt scaling (adamw)" in plan and "warm-up per step over 1 epoch(s)" in plan
     assert ("--main_process_ip gpu07 --rdzv_backend c10d" in cmd) == (nodes == "2")
