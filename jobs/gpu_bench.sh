@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU performance check of issue 8, in one run on any CUDA machine (about 5-8 minutes on one H100):
+# The GPU performance check of issue 8, in one run on any CUDA machine (about 8-12 minutes on one H100):
 #   bash jobs/gpu_bench.sh                 # results in bench-gpu/gpu_bench.jsonl (+ nvidia-smi.txt, logs)
 #   LK_BENCH_OUT=/somewhere LK_BENCH_COMPILE=1 bash jobs/gpu_bench.sh
 # 1. synthesizes LK_BENCH_N images at 224 px and packs them (stored at the training size: the loader
@@ -8,7 +8,9 @@
 # 3. `bench aug`: each preset beside a resnet18 step (batch 256, 224 px);
 # 4. `bench e2e resnet18`: the real loop, bf16 + channels_last + derm preset + 16 loader workers, beside
 #    the step of the same model/batch in the same run (goal: e2e >= 0.9x step, >= 8,000 images/s on an H100);
-# 5. optional, LK_BENCH_COMPILE=1: `bench step` again with torch.compile rows (compiling takes minutes).
+# 5. `bench loader`: the shard stream from disk and over HTTP with the same workers, and the CPU ms per image
+#    of read + decode + collate at 224 px with the loader cores the measured e2e rate needs (issue 16);
+# 6. optional, LK_BENCH_COMPILE=1: `bench step` again with torch.compile rows (compiling takes minutes).
 # Every benchmark appends one JSON line (host, torch, device name, all parameters) to the same file.
 set -euo pipefail
 
@@ -50,6 +52,16 @@ log "bench e2e resnet18"
 "$LK" bench e2e resnet18 --data "$DATA/shards" --device cuda --batch-size 256 --image-size 224 \
   --steps 40 --repeats 3 --workers "$WORKERS" --preset derm --precision bf16 --channels-last \
   --out "$RESULTS" | tee "$OUT/e2e.log"
+
+rate=$("$PY" - "$RESULTS" <<'PY' || echo 8000
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+print(round([r for r in rows if r.get("bench") == "e2e"][-1]["cases"]["e2e"]["items_per_s"]))
+PY
+)
+log "bench loader (GPU rate $rate images/s)"
+"$LK" bench loader "$DATA/shards" --workers "$WORKERS" --batch-size 256 --repeats 1 --gpu-rate "$rate" \
+  --out "$RESULTS" | tee "$OUT/loader.log"
 
 if [ "${LK_BENCH_COMPILE:-0}" = 1 ]; then
   log "bench step resnet18 with torch.compile"

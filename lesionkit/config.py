@@ -295,7 +295,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"profile={profile!r} is not one of: {', '.join(CHOICES['profile'])}")
     if profile == "auto":
         force_cpu = _coerce("cpu", flags.get("cpu", recipe.get("cpu", False)), bool)
-        device, _ = devices.select(force_cpu, strict=not getattr(args, "dry_run", False))
+        device, _ = devices.select(force_cpu, strict=not args.dry_run)
         profile = profiles.for_device(device)
     source = str(resolve_recipe(args.config)) if args.config else "defaults"
     for where, values in profiles.layers(recipe, profile, source):

@@ -216,7 +216,7 @@ def _open(address: Address, offset: int):
 def _retryable(exc: BaseException) -> bool:
     """Dropped, refused or timed-out connections and server errors are retried; a missing object, a
     refused permission or any other 4xx answer is final."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, UsageError)):
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return False
     status = getattr(exc, "status", None)  # aiohttp.ClientResponseError
     if isinstance(status, int):
@@ -261,6 +261,8 @@ class _Remote(io.RawIOBase):
                 break
             except Exception as exc:
                 self._drop()
+                if isinstance(exc, UsageError):  # the location itself is wrong (unknown scheme, no s3fs)
+                    raise
                 if not _retryable(exc):
                     raise RunError(f"{self.address}: {_reason(exc)}") from None
                 if attempt >= self.fetch.retries:

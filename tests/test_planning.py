@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from lesionkit.errors import UsageError
 from lesionkit.optim import scaled_lr, warmup_factor
 from tests.conftest import make_shards
 
+REPO = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_DYNAMO_BACKEND",
                "ACCELERATE_USE_CPU", "LK_GPUS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS",
                "SLURM_CPUS_PER_TASK")  # fmt: skip
@@ -185,3 +188,14 @@ def test_recipe_profile_sections_take_only_machine_settings(tmp_path, capsys):
     recipe.write_text("model: customnet\nprofiles:\n  gpu: {lr: 0.1}\n")
     assert run_command("train", ["--config", str(recipe), "--print-config"]) == 2
     assert "profiles.gpu may set only" in capsys.readouterr().err
+
+
+def test_makefile_installs_the_torch_wheel_flavour_asked_for():
+    def dry_run(*args: str) -> str:
+        cmd = ["make", "-n", "-B", "venv", *args]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=60).stdout
+
+    cpu = dry_run("TORCH_INDEX=cpu")
+    assert "pip install -q --index-url https://download.pytorch.org/whl/cpu torch==" in cpu
+    assert 'echo "cpu" > .venv/.torch-index' in cpu  # remembered for later `make` runs
+    assert "--index-url" not in dry_run("TORCH_INDEX=")  # PyPI's default build
