@@ -79,8 +79,9 @@ class Plan:
         lo, hi = self.train_shards // world, math.ceil(self.train_shards / world)
         warmup = f"; warm-up per step over {cfg.lr_warmup_epochs:g} epoch(s)" if cfg.lr_warmup_epochs else ""
         lines = [
-            f"{world} process(es) = {launch.nodes} node(s) x {launch.local}, device {self.device}, "
-            f"profile {self.profile}"
+            f"{world} process(es) = {launch.nodes} node(s) x {launch.local}, device {self.device}"
+            + (" (one per process)" if self.device != devices.CPU else "")
+            + f", profile {self.profile}"
             + (f" [{self.device_note}; a real run here exits 2]" if self.device_note else ""),
             f"batch {cfg.batch_size} per device x {world} process(es) x {cfg.grad_accum} accumulation "
             f"= global batch {self.global_batch}",

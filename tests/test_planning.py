@@ -162,7 +162,7 @@ def test_gpus_asked_for_where_cuda_is_unusable_exit_2_with_the_reason(
     assert run_command("train", [*args, "--cpu", "--dry-run"]) == 0  # --cpu forces the CPU
     assert "device cpu, profile cpu" in capsys.readouterr().out
     assert run_command("train", [*args, "--dry-run"]) == 0  # a dry run plans for the GPUs, and says so
-    assert "device cuda, profile gpu [" in capsys.readouterr().out
+    assert "device cuda (one per process), profile gpu [" in capsys.readouterr().out
 
 
 def test_cpu_processes_with_accelerate_use_cpu_ask_for_no_gpu(monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lesionkit import sources
+from lesionkit.cli import run_command
 from lesionkit.data import eval_loader, train_loader
 from lesionkit.errors import CorruptDataError, RunError, UsageError
 from lesionkit.manifest import read_manifest, sha256_file
@@ -199,6 +200,11 @@ def test_two_rank_ddp_training_over_http_ends_with_the_weights_of_local_disk(tmp
         srv.fault("/train/shard-000005.tar", "drop")
         out = run(tmp_path / "http", f"{srv.url}/train/", f"{srv.url}/val/")
         assert srv.requests["/train/shard-000005.tar"] >= 3  # 2 epochs, one retry
+        cache = tmp_path / "cache"
+        args = ["--checkpoint", tmp_path / "http" / "best", "--data", f"{srv.url}/val/", "--cache-dir", cache]
+        assert run_command("evaluate", [*map(str, args), "--bootstrap", "0", "--workers", "0"]) == 0
+    scored = json.loads((tmp_path / "http" / "eval-val" / "metrics.json").read_text())
+    assert scored["n"] == 40 and len(list(cache.iterdir())) == 3  # every val sample; each shard verified
     assert "2 process(es) = 1 node(s) x 2" in out
     for run_dir in (local, tmp_path / "http"):
         assert json.loads((run_dir / "world.json").read_text())["world_size"] == 2

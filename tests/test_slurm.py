@@ -356,7 +356,7 @@ def test_launcher_picks_the_accelerate_config_for_the_allocation(
     per_node = nprocs // int(nodes)
     plan = proc.stdout.split("lesionkit plan: ", 1)[1]
     assert plan.startswith(f"{nprocs} process(es) = {nodes} node(s) x {per_node}, device ")
-    assert ("device cuda, profile gpu [LK_GPUS_PER_NODE" in plan) == (gpus != "0")
+    assert ("device cuda (one per process), profile gpu [LK_GPUS_PER_NODE" in plan) == (gpus != "0")
     assert (
         f"batch 128 per device x {nprocs} process(es) x 1 accumulation = global batch {128 * nprocs}" in plan
     )
