@@ -112,6 +112,12 @@ class TrainConfig:
     wandb_project: str = opt("lesionkit", "W&B project")
     run_name: str = opt("", "W&B run name")
     collective_timeout_s: int = opt(300, "seconds a rank waits in a collective before the job fails")
+    # cross-validation (issue 14)
+    fold: int = opt(
+        -1,
+        "train on the other folds of --train's split (`lesionkit split`) and validate on this fold of the "
+        "same folders, instead of --val (-1 = off)",
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -41,7 +41,7 @@ from lesionkit.config import TrainConfig
 from lesionkit.data import eval_loader, train_loader
 from lesionkit.errors import ConfigError, RunError
 from lesionkit.inference import gather_predictions, predict_logits
-from lesionkit.manifest import dataset_info, read_manifest
+from lesionkit.manifest import dataset_info, read_manifest, split_of
 from lesionkit.metrics import softmax_views
 from lesionkit.models import (
     create_model,
@@ -182,6 +182,7 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
                 raise ConfigError(
                     f"--{split} {d}: no manifest.json there (pack images with `lesionkit pack`)"
                 )
+    fold_selection(cfg)
     classes, _, _ = dataset_info(cfg.train)
     if cfg.val and dataset_info(cfg.val)[0] != classes:
         raise ConfigError(f"class sets differ: --train has {classes}, --val has {dataset_info(cfg.val)[0]}")
@@ -201,6 +202,22 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
     return monitor
 
 
+def fold_selection(cfg: TrainConfig) -> tuple[list[int] | None, list[int] | None]:
+    """(training folds, validation folds) of `--fold K`: every other fold of each --train folder's split,
+    and fold K of the same folders; (None, None) without --fold."""
+    if cfg.fold == -1:
+        return None, None
+    if cfg.fold < -1:
+        raise ConfigError(f"fold must be >= 0 (or -1 = off), got {cfg.fold}")
+    if cfg.val:
+        raise ConfigError(f"--fold {cfg.fold} validates on fold {cfg.fold} of --train: drop --val")
+    counts = {d: split_of(read_manifest(d), d, [cfg.fold])["folds"] for d in cfg.train}
+    if len(set(counts.values())) > 1:
+        raise ConfigError(f"--train folders have different numbers of folds: {counts}")
+    k = next(iter(counts.values()))
+    return [f for f in range(k) if f != cfg.fold], [cfg.fold]
+
+
 def probe_writable(output_dir: Path) -> None:
     """Learn that the output folder is unwritable or the disk full now, not at the first checkpoint."""
     try:
@@ -217,7 +234,7 @@ def probe_writable(output_dir: Path) -> None:
 
 def use_demo_data(cfg: TrainConfig) -> TrainConfig:
     """No --train/--val: the synthetic demo shards (made once; `python -m lesionkit.demo --prepare-only`)."""
-    if cfg.train and cfg.val:
+    if cfg.train and (cfg.val or cfg.fold != -1):
         return cfg
     from lesionkit.synth.demo_data import DEMO_SHARDS, ensure_demo_shards
 
@@ -279,7 +296,8 @@ def build(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> TrainContex
 
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    classes, counts, _ = dataset_info(cfg.train)
+    train_folds, val_folds = fold_selection(cfg)
+    classes, counts, _ = dataset_info(cfg.train, train_folds)
     task = tasks.for_manifest(read_manifest(cfg.train[0]))
     monitor = monitor or task.monitor_for(cfg.monitor, classes)
 
@@ -337,16 +355,18 @@ def build(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> TrainContex
             batch_transform=augment if placement == "workers" else None,
             skip_corrupt=cfg.skip_corrupt,
             max_batches=cfg.max_steps_per_epoch,
+            folds=train_folds,
         ),
         val_loader=eval_loader(
-            cfg.val,
+            cfg.val or cfg.train,
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
             workers=cfg.workers,
             rank=rank,
             world_size=world,
+            folds=val_folds,
         )
-        if cfg.val
+        if cfg.val or val_folds
         else None,
         placement=placement,
         state=state,
@@ -554,7 +574,8 @@ def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> int:
         ctx.counts,
         f"{cfg.model} on {accelerator.num_processes} x {accelerator.device.type}, "
         f"mixed precision {accelerator.mixed_precision}, augment {cfg.augment} on {ctx.placement}, "
-        f"classes {ctx.classes}, train {sum(ctx.counts.values())} samples",
+        f"classes {ctx.classes}, train {sum(ctx.counts.values())} samples"
+        + (f" (validating on fold {cfg.fold})" if cfg.fold != -1 else ""),
     )
     status = "completed"
     while state.epoch < cfg.epochs:

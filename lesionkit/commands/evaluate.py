@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="score only this fold of --data's split (`lesionkit split`): what `train --fold K` held out",
+    )
+    parser.add_argument(
         "--wandb",
         action="store_true",
         help="also log the metrics and plots to W&B: into the training run of the checkpoint "
@@ -65,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{Path(args.data[0]).name}"
     preprocess = build_preprocess(info, accelerator.device)
 
-    def scored(dirs):
+    def scored(dirs, folds=None):
         return score(
             accelerator,
             model,
@@ -76,9 +82,10 @@ def run(args: argparse.Namespace) -> int:
             args.batch_size,
             args.workers,
             preprocess,
+            folds,
         )
 
-    keys, labels, logits = scored(args.data)
+    keys, labels, logits = scored(args.data, None if args.fold is None else [args.fold])
     if args.fit_temperature:
         temperature = M.fit_temperature(logits.mean(axis=1), labels)
     probs = M.softmax_views(logits, temperature)
@@ -106,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         {
             "checkpoint": str(args.checkpoint),
             "data": [str(d) for d in args.data],
+            "fold": args.fold,
             "model": info["model"],
             "task": task.name,
             "classes": classes,
