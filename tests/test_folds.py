@@ -60,6 +60,14 @@ def test_no_group_is_on_both_sides_of_any_fold(split, year, by):
     assert m["split"]["method"] == "StratifiedGroupKFold" and m["split"]["by"] == by
 
 
+def test_isic2020_packed_on_diagnosis_gets_the_same_folds_as_on_target(split):
+    """Folds stratify on melanoma for isic2020, so both label choices are compared on the same patients."""
+    finer, _ = pack_2020(split["root"], name="isic2020-dx", label_column="diagnosis")
+    assert manifest(finer)["task"] == "isic2020" and "nevus" in manifest(finer)["classes"]
+    assert run_command("split", [str(finer), "--by", "patient", "--folds", str(K), "--seed", "1"]) == 0
+    assert manifest(finer)["split"]["fold_of"] == manifest(split["2020"])["split"]["fold_of"]
+
+
 def test_split_refuses_to_replace_folds_or_group_by_an_absent_id(split, capsys):
     before = (split["2019"] / "manifest.json").read_text()
     assert run_command("split", [str(split["2019"]), "--folds", "4"]) == 2
