@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import cpu_ddp, make_shards
 from isic_real import pack_2019, pack_2020, records
 from sklearn import metrics as skm
 from test_train import TINY, env
@@ -122,8 +123,6 @@ def test_fold_and_monitor_mistakes_exit_2_before_training(split, tmp_path, capsy
 
 
 def test_fold_without_a_split_names_the_split_command(tmp_path, capsys):
-    from conftest import make_shards
-
     make_shards(tmp_path / "plain", 12, 2)
     assert run_command("train", train_argv(tmp_path, tmp_path / "plain", "--fold", "0")) == 2
     assert f"has no folds: assign them with `lesionkit split {tmp_path / 'plain'}" in capsys.readouterr().err
@@ -143,6 +142,22 @@ def test_isic2019_trains_past_epoch_1_on_a_lesion_fold_with_its_default_monitor(
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and metrics["monitor"] == "balanced_accuracy"
     assert metrics["n"] == sum(manifest(split["2019"])["split"]["counts"][2].values())  # validated on fold 2
+
+
+@pytest.mark.ddp
+def test_two_process_fold_run_validates_every_held_out_sample_once(split, tmp_path):
+    cmd = cpu_ddp(REPO / "lesionkit" / "train.py", procs=2)
+    flags = train_argv(tmp_path, split["2019"], "--fold", "1", "--epochs", "1", "--max-steps-per-epoch", "2")
+    e = {**env(), "ACCELERATE_USE_CPU": "1"}
+    res = subprocess.run(
+        cmd + flags, capture_output=True, text=True, timeout=400, env=e, cwd=REPO, check=False
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = tmp_path / "run"
+    assert json.loads((run / "world.json").read_text())["world_size"] == 2
+    held_out = manifest(split["2019"])["split"]["counts"][1]
+    metrics = json.loads((run / "metrics.json").read_text())  # gathered by id: a duplicate would have failed
+    assert metrics["n"] == sum(held_out.values()) and all(metrics[f"n_{c}"] == n for c, n in held_out.items())
 
 
 @pytest.mark.slow
