@@ -176,7 +176,7 @@ def _slug(text: str) -> str:
 
 
 def _format(columns: list[str], id_col: str) -> str:
-    if "target" in columns or (id_col == "image_name" and "diagnosis" in columns):
+    if "target" in columns or (id_col == "image_name" and "label" not in columns):
         return "isic2020"
     if "dx" in columns and "lesion_id" in columns:
         return "ham10000"
@@ -191,7 +191,8 @@ def _isic2020(df: pd.DataFrame, ids: pd.Series, label_column: str, path: Path):
     """`target` (benign / melanoma) or `diagnosis` (its values as classes, checked against `target`)."""
     if label_column not in df.columns:
         raise IngestError(
-            f"{path}: ISIC 2020 labels need a {label_column!r} column; found {', '.join(df.columns)}"
+            f"{path}: ISIC 2020 labels need a {label_column!r} column; found {', '.join(df.columns)} (the "
+            "test set's CSV has no labels: `lesionkit predict --images` scores its images)"
         )
     if label_column == "target":
         labels, problems = [], []

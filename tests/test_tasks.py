@@ -76,6 +76,20 @@ def test_isic2020_csv_target_or_diagnosis_with_patients_and_empty_cells_missing(
         collect(images, GT2020, label_column="dx")
 
 
+def test_isic2020_label_problems_name_the_images(tmp_path):
+    rows = GT2020.read_text().splitlines()[:4]
+    header, a, b, c = rows
+    bad = [a.rsplit(",", 1)[0] + ",yes", b.replace(",unknown,benign,0", ",melanoma,benign,0"), c]
+    (tmp_path / "gt.csv").write_text("\n".join([header, *bad]) + "\n")
+    for column, needle in (("target", "target 'yes' is not 0/1"), ("diagnosis", "disagrees with target '0'")):
+        with pytest.raises(ValueError, match=needle):
+            collect(I2020 / "train", tmp_path / "gt.csv", label_column=column)
+    test_csv = ",".join(header.split(",")[:5]) + "\n" + ",".join(c.split(",")[:5]) + "\n"
+    (tmp_path / "test.csv").write_text(test_csv)  # the ISIC 2020 test set's CSV: no labels
+    with pytest.raises(ValueError, match="need a 'target' column.*test set's CSV has no labels"):
+        collect(I2020 / "train", tmp_path / "test.csv")
+
+
 def test_packed_real_subsets_hold_classes_counts_groups_and_metadata(packed):
     for year, label_of, group in (
         ("2019", lambda r: r[list(ISIC2019_CLASSES)].astype(float).idxmax(), "lesion"),
