@@ -7,8 +7,9 @@ Label formats are recognised from the CSV header (and decide the task, see `lesi
   2019 `UNK` column (no positives in training labels) is dropped when it has no positive;
 - ISIC 2020: `image_name,patient_id,...,diagnosis,benign_malignant,target`: `target` (melanoma or not)
   by default, or the finer `diagnosis` (`label_column="diagnosis"`); the other columns are metadata;
-- HAM10000 metadata: `lesion_id,image_id,dx,...`: `dx` as the ISIC 2018 classes (never the 2019 ones:
-  those split `akiec` into AK and SCC, which only the ISIC 2019 ground truth CSV knows);
+- HAM10000 metadata: `lesion_id,image_id,dx,...`: `dx` as the ISIC 2018 classes, or with task isic2019
+  as the 2019 classes, where an `akiec` row is a bad sample: the 2019 labels split akiec into AK and
+  SCC, which only the ISIC 2019 ground truth CSV knows;
 - plain: `image_id,label` with class names (sorted) or integer class indices, any further columns
   being metadata.
 
@@ -33,7 +34,15 @@ import pandas as pd
 
 from lesionkit import tasks
 from lesionkit.errors import UsageError
-from lesionkit.tasks import HAM10000_DX, ISIC2017_CLASSES, ISIC2017_SCORED, ISIC2019_UNKNOWN
+from lesionkit.tasks import (
+    HAM10000_DX,
+    HAM10000_DX_2019,
+    ISIC2017_CLASSES,
+    ISIC2017_SCORED,
+    ISIC2018_CLASSES,
+    ISIC2019_CLASSES,
+    ISIC2019_UNKNOWN,
+)
 
 ID_COLUMNS = ("image_id", "image", "image_name")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -54,6 +63,8 @@ GROUP_NAMES = {"patient_id": "patient", "lesion_id": "lesion"}  # CSV column -> 
 GROUP_KINDS = ("patient", "lesion")
 LABEL_COLUMNS = {"dx", "dx_type", "diagnosis", "benign_malignant", "target", "label"}  # never metadata
 MISSING = {"", "unknown", "nan", "na", "n/a", "none", "null"}  # of the vocabulary's fields (lower case)
+TRUTH_2019 = "ISIC_2019_Training_GroundTruth.csv as --labels (and HAM10000_metadata.csv as --metadata)"
+AKIEC_2019 = f"dx akiec is AK or SCC in the ISIC 2019 labels, which dx cannot tell: pass {TRUTH_2019}"
 LABEL_CHOICES = {"isic2020": ("target", "diagnosis"), "ham10000": ("dx",), "plain": ("label",)}
 
 
@@ -212,20 +223,24 @@ def _isic2020(df: pd.DataFrame, ids: pd.Series, label_column: str, path: Path):
     return classes, [classes.index(v) if v else 0 for v in names], problems
 
 
-def _ham10000(df: pd.DataFrame, ids: pd.Series):
+def _ham10000(df: pd.DataFrame, ids: pd.Series, task: str | None):
+    """`dx` as the ISIC 2018 classes, or (task isic2019) as the 2019 classes where dx decides them: an
+    `akiec` row is then a bad sample (AK or SCC?) that only the ISIC 2019 ground truth can label."""
+    to_2019 = task == "isic2019"
+    mapping, classes = (HAM10000_DX_2019, ISIC2019_CLASSES) if to_2019 else (HAM10000_DX, ISIC2018_CLASSES)
     dx = df["dx"].str.strip().str.lower()
-    problems = [
-        (i, f"unknown dx {v!r} (HAM10000 has {', '.join(HAM10000_DX)})")
-        for i, v in zip(ids, dx)
-        if v not in HAM10000_DX
-    ]
-    classes = list(tasks.ISIC2018_CLASSES)
-    return classes, [classes.index(HAM10000_DX.get(v, "MEL")) for v in dx], problems
+    problems = []
+    for i, v in zip(ids, dx):
+        if v not in mapping:
+            problems.append((i, f"unknown dx {v!r} (HAM10000 has {', '.join(mapping)})"))
+        elif mapping[v] is None:
+            problems.append((i, AKIEC_2019))
+    return list(classes), [classes.index(mapping.get(v) or "MEL") for v in dx], problems
 
 
-def parse_labels(csv: str | Path, label_column: str | None = None) -> Labels:
+def parse_labels(csv: str | Path, label_column: str | None = None, task: str | None = None) -> Labels:
     """Read a labels CSV of any known format. `label_column` picks the label of a CSV that has several
-    (ISIC 2020: `target` or `diagnosis`).
+    (ISIC 2020: `target` or `diagnosis`); `task` (pack --task) picks HAM10000's target classes.
 
     Whole-file errors (missing/empty file, missing columns) raise IngestError; per-row problems
     (bad values, several positives, duplicate ids) are returned as (id, reason) pairs.
@@ -248,12 +263,16 @@ def parse_labels(csv: str | Path, label_column: str | None = None) -> Labels:
         classes, labels, problems = _isic2020(df, ids, label_column or "target", path)
         extra = columns
     elif fmt == "ham10000":
-        classes, labels, problems = _ham10000(df, ids)
+        classes, labels, problems = _ham10000(df, ids, task)
         extra = columns
         notes.append(
-            f"{path.name}: labels from HAM10000 `dx` are the ISIC 2018 classes (akiec = AKIEC); the ISIC "
-            "2019 labels split akiec into AK and SCC, which dx cannot: for the 2019 classes pass "
-            "ISIC_2019_Training_GroundTruth.csv as --labels and this file as --metadata"
+            f"{path.name}: labels from HAM10000 `dx`, "
+            + (
+                "mapped to the ISIC 2019 classes except akiec (AK or SCC: no AK or SCC sample)"
+                if task == "isic2019"
+                else "so the ISIC 2018 classes (akiec = AKIEC)"
+            )
+            + f"; the ISIC 2019 ground truth splits akiec into AK and SCC: for them pass {TRUTH_2019}"
         )
     elif fmt == "plain":
         classes, labels, problems = _plain(df["label"], ids)
@@ -290,9 +309,11 @@ def parse_labels(csv: str | Path, label_column: str | None = None) -> Labels:
     ]
     dup = ids[ids.duplicated(keep=False) & (ids != "")]
     problems += [(i, "duplicate id") for i in dup.unique()]
-    task = {"isic2017": "isic2017", "isic2020": "isic2020", "ham10000": "isic2018"}.get(fmt)
+    implied = {"isic2017": "isic2017", "isic2020": "isic2020", "ham10000": "isic2018"}.get(fmt)
+    if fmt == "ham10000" and task == "isic2019":
+        implied = task
     meta, groups = _meta_and_groups(df, ids, extra)
-    return Labels(table, classes, fmt, task or tasks.detect(classes).name, problems, meta, groups, notes)
+    return Labels(table, classes, fmt, implied or tasks.detect(classes).name, problems, meta, groups, notes)
 
 
 def read_labels(csv: str | Path) -> tuple[pd.DataFrame, list[str]]:
@@ -410,6 +431,7 @@ def collect(
     metadata=None,
     skip_bad: bool = False,
     label_column: str | None = None,
+    task: str | None = None,
 ) -> Samples:
     """Join labels, image files and metadata (a CSV path or a list of them; later files' values win);
     raise IngestError naming every bad sample unless skip_bad.
@@ -417,7 +439,7 @@ def collect(
     Image files whose id is not in the CSV are not an error (returned in `unlisted` for a warning):
     official image folders often hold more than one split's labels cover.
     """
-    parsed = parse_labels(labels, label_column)
+    parsed = parse_labels(labels, label_column, task)
     table, problems = parsed.table, parsed.problems
     files = find_images(images)
     if not files:

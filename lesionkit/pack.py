@@ -193,11 +193,6 @@ def _task(name: str | None, found) -> str:
     """The task to record: `name` (pack --task), checked against the classes, else the one the CSV implies."""
     if name is None:
         return found.task
-    if name == "isic2019" and found.label_format == "ham10000":
-        raise PackError(
-            "HAM10000 `dx` labels cannot give the ISIC 2019 classes (its akiec is AK or SCC there); pass "
-            "ISIC_2019_Training_GroundTruth.csv as --labels and HAM10000_metadata.csv as --metadata"
-        )
     tasks.get_task(name).check_classes(found.classes)
     return name
 
@@ -246,7 +241,9 @@ def pack(
         raise PackError(f"output {out} already exists; pass --force to replace it")
 
     metadata = [] if metadata is None else [metadata] if isinstance(metadata, (str, Path)) else list(metadata)
-    found = collect(images, labels, metadata=metadata, skip_bad=skip_bad, label_column=label_column)
+    found = collect(
+        images, labels, metadata=metadata, skip_bad=skip_bad, label_column=label_column, task=task
+    )
     task = _task(task, found)
     for note in found.notes:
         log.warning("note: %s", note)

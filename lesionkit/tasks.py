@@ -34,7 +34,7 @@ ISIC2019_UNKNOWN = "UNK"
 ISIC2020_CLASSES = ("benign", "melanoma")  # `target` 0 / 1
 MELANOMA = "melanoma"
 # HAM10000 `dx` -> ISIC 2018 class. HAM10000 is the ISIC 2018 Task 3 training set; the ISIC 2019 labels
-# split its `akiec` into AK and SCC, so dx alone cannot give the 2019 classes.
+# split its `akiec` into AK and SCC, so dx maps onto the 2019 classes for every dx but akiec (None).
 HAM10000_DX = {
     "mel": "MEL",
     "nv": "NV",
@@ -44,6 +44,7 @@ HAM10000_DX = {
     "df": "DF",
     "vasc": "VASC",
 }
+HAM10000_DX_2019 = {**HAM10000_DX, "akiec": None}
 
 MINIMIZED = ("loss", "nll", "brier", "ece")  # lower is better; every other metric is maximised
 SCALARS = ("accuracy", "balanced_accuracy", "auc_macro", "nll", "brier", "ece")  # of metrics.compute_metrics

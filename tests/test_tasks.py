@@ -42,20 +42,32 @@ def test_isic2019_csv_gives_the_8_classes_counts_lesions_and_metadata_under_eith
     assert list(again.table["meta"]) == list(found.table["meta"])
 
 
-def test_ham10000_dx_gives_the_isic2018_classes_and_never_maps_akiec_to_2019(tmp_path, capsys):
+def test_ham10000_dx_gives_the_isic2018_classes_and_never_maps_akiec_silently(tmp_path, capsys, caplog):
     found = collect(I2019 / "ISIC_2019_Training_Input", HAM)
     assert found.classes == list(ISIC2018_CLASSES) and found.task == "isic2018"
     assert found.table["label_name"].value_counts()["AKIEC"] == 254  # the 2019 labels: AK 108 + SCC 146
-    assert "ISIC_2019_Training_GroundTruth.csv" in found.notes[0]
+    assert "ISIC_2019_Training_GroundTruth.csv as --labels" in found.notes[0]
     row = found.table.set_index("id").loc["ISIC_0027419"]
     assert row["groups"] == {"lesion": "HAM_0000118"} and row["meta"]["age"] == 80
     assert "dx" not in row["meta"] and "dx_type" not in row["meta"]  # labels are never metadata
-    out = tmp_path / "out"
-    argv = ["pack", "--images", str(I2019 / "ISIC_2019_Training_Input"), "--labels", str(HAM)]
-    assert run_command("pack", [*argv[1:], "--out", str(out), "--task", "isic2019"]) == 2
+
+    # the 2019 classes from dx: every dx but akiec, which is refused (or, with --skip-bad, left out)
+    ham = pd.read_csv(HAM, dtype=str).groupby("dx").head(2)
+    ham.to_csv(tmp_path / "ham.csv", index=False)
+    argv = ["--images", str(I2019 / "ISIC_2019_Training_Input"), "--labels", str(tmp_path / "ham.csv")]
+    argv += ["--task", "isic2019", "--size", "32", "--workers", "0", "--out", str(tmp_path / "out")]
+    assert run_command("pack", argv) == 2
     err = capsys.readouterr().err
-    assert "akiec is AK or SCC" in err and "ISIC_2019_Training_GroundTruth.csv as --labels" in err
-    assert "Traceback" not in err and not out.exists()
+    assert "2 bad sample(s)" in err and "dx akiec is AK or SCC in the ISIC 2019 labels" in err
+    assert "ISIC_2019_Training_GroundTruth.csv as --labels" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert run_command("pack", [*argv, "--skip-bad"]) == 0
+    assert "mapped to the ISIC 2019 classes except akiec" in caplog.text  # said, not silent
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["classes"] == list(ISIC2019_CLASSES) and manifest["task"] == "isic2019"
+    assert manifest["counts"] == {**dict.fromkeys(ISIC2019_CLASSES, 2), "AK": 0, "SCC": 0}
+    akiec = set(ham[ham.dx == "akiec"].image_id)
+    assert {s["id"] for s in manifest["skipped"]} == akiec
 
 
 def test_isic2020_csv_target_or_diagnosis_with_patients_and_empty_cells_missing():
