@@ -119,7 +119,16 @@ def cross_validate(
         ckpt = (run / select).resolve()
         if not _scored(run, ckpt, cfg.val_tta):
             _run(
-                [sys.executable, "-m", "lesionkit.cli", "evaluate", "--checkpoint", str(ckpt), "--data", data]
+                [
+                    sys.executable,
+                    "-m",
+                    "lesionkit.cli",
+                    "evaluate",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--data",
+                    cfg.train[0],
+                ]
                 + ["--fold", str(fold), "--out", str(run / "oof"), "--tta", cfg.val_tta, "--bootstrap", "0"]
                 + ["--workers", str(cfg.workers), "--batch-size", str(cfg.batch_size)],
                 f"fold {fold}: score {select}/ on the held-out fold",
