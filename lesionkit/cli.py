@@ -26,9 +26,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lesionkit.commands.stats",
         "print the class distribution of packed shards; --verify re-hashes them",
     ),
+    "split": (
+        "lesionkit.commands.split",
+        "assign grouped cross-validation folds (by lesion or patient) to a shard folder",
+    ),
     "train": (
         "lesionkit.commands.train",
         "train a model (multi-process: accelerate launch lesionkit/train.py)",
+    ),
+    "cv": (
+        "lesionkit.commands.cv",
+        "cross-validate a recipe: train every fold, score the out-of-fold predictions with a CI",
     ),
     "evaluate": (
         "lesionkit.commands.evaluate",

@@ -140,6 +140,12 @@ class TrainConfig:
         "folder filled by `lesionkit weights fetch` (default: $LESIONKIT_WEIGHTS_CACHE); when set, "
         "pretrained weights come only from there, never downloaded",
     )
+    # cross-validation (issue 14)
+    fold: int = opt(
+        -1,
+        "train on the other folds of --train's split (`lesionkit split`) and validate on this fold of the "
+        "same folders, instead of --val (-1 = off)",
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -253,11 +259,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved config (defaults < profile < recipe < flags) as YAML and exit",
     )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the resolved plan (processes, devices, batch, LR, loader workers, shards per rank), exit",
-    )
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         typ, flag = _field_types()[f.name], "--" + f.name.replace("_", "-")
@@ -295,7 +296,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"profile={profile!r} is not one of: {', '.join(CHOICES['profile'])}")
     if profile == "auto":
         force_cpu = _coerce("cpu", flags.get("cpu", recipe.get("cpu", False)), bool)
-        device, _ = devices.select(force_cpu, strict=not args.dry_run)
+        # a dry run plans for GPUs this host may lack (a login node); a run needs them usable
+        device, _ = devices.select(force_cpu, strict=not getattr(args, "dry_run", False))
         profile = profiles.for_device(device)
     source = str(resolve_recipe(args.config)) if args.config else "defaults"
     for where, values in profiles.layers(recipe, profile, source):

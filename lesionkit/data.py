@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from lesionkit import seeds, sources
 from lesionkit.errors import CorruptDataError, UsageError
-from lesionkit.manifest import MANIFEST, as_list, dataset_info, read_manifest
+from lesionkit.manifest import MANIFEST, as_list, dataset_info, read_manifest, shard_selection
 
 DRAFT_FACTOR = 2  # stored shorter side >= 2x the training size: decode with PIL draft (DCT scaling)
 
@@ -65,22 +65,26 @@ class _Shard:
     num_samples: int
     counts: tuple[int, ...]  # per class, in the class order
     stored_size: int  # shorter side the images were packed at
+    keys: frozenset | None = None  # ids of the selected folds' samples (None: every sample of the shard)
 
 
-def _shards(dirs, fetch: sources.Fetch | None = None) -> tuple[list[str], list[_Shard]]:
-    """Classes and shards of `dirs`; each url is a `sources.Address` (what to expect, how to fetch it)."""
-    classes, _, _ = dataset_info(dirs, fetch)
+def _shards(dirs, folds=None, fetch: sources.Fetch | None = None) -> tuple[list[str], list[_Shard]]:
+    """The shards to read; with `folds`, each counts only those folds' samples (the manifest's per-shard
+    fold counts), so plans and quotas stay exact, and the stream drops the other samples by id. Each url is
+    a `sources.Address` (what to expect, how to fetch it)."""
+    classes, _, _ = dataset_info(dirs, folds, fetch)
     shards = []
     for folder in as_list(dirs):
         manifest = read_manifest(folder, fetch)
         stored = int(manifest.get("params", {}).get("size", 0))
-        for rec in manifest["shards"]:
+        picked, keys = shard_selection(manifest, folder, folds)
+        for rec, num_samples, shard_counts in picked:
             url = sources.shard(folder, rec, fetch)
             if not sources.is_remote(url) and not sources.exists(url):
                 raise UsageError(f"shard {url} listed in {sources.join(folder, MANIFEST)} is missing")
-            counts = tuple(int(rec.get("counts", {}).get(c, 0)) for c in classes)
-            if int(rec["num_samples"]) > 0:
-                shards.append(_Shard(url, int(rec["num_samples"]), counts, stored))
+            counts = tuple(int(shard_counts.get(c, 0)) for c in classes)
+            if num_samples > 0:
+                shards.append(_Shard(url, num_samples, counts, stored, keys))
     return classes, shards
 
 
@@ -243,6 +247,14 @@ def _read(urls: list[str], skip_bad: bool = False) -> Iterator[dict]:
             log.warning("skipped the rest of shard %s: %s", url, exc)
 
 
+def sample_records(location) -> Iterator[tuple[str, dict]]:
+    """(shard name, JSON record) of every sample of a shard folder, shard by shard: what `lesionkit split`
+    reads to learn each sample's label and group ids without decoding an image."""
+    for rec in read_manifest(location)["shards"]:
+        for sample in _tar_samples(sources.join(location, rec["name"])):
+            yield rec["name"], json.loads(sample["json"])
+
+
 def read_with_webdataset(urls: list[str], skip_bad: bool = False) -> Iterator[dict]:
     """The same samples through `wds.WebDataset` (shards split and ordered by the plan already, so no
     splitters and shardshuffle=False): the reference `_tar_samples` is tested and benchmarked against."""
@@ -323,6 +335,7 @@ class _Stream(IterableDataset):
         self.batch_transform, self.skip_corrupt, self.max_batches = batch_transform, skip_corrupt, max_batches
         self.features = features
         self.stored = {s.url: s.stored_size for s in shards}
+        self.keys = {s.url: s.keys for s in shards}  # fold selection: the ids to keep per shard
         # Samples skipped as corrupt, shared with the loader workers so the trainer can report the count.
         self.skipped = multiprocessing.Value("q", 0)
         loads = [
@@ -355,7 +368,7 @@ class _Stream(IterableDataset):
         if not quota:
             return
         if not self.train:
-            samples = self._decoded(self.read(urls), None, urls)
+            samples = self._decoded(self._selected(urls), None, urls)
             batches = wds.batched(self.batch_size, collation_fn=_collate, partial=True)(samples)
             yield from self._transformed(batches, (-1, 0, self.rank, worker))
             return
@@ -398,12 +411,21 @@ class _Stream(IterableDataset):
         ]
         return _weighted_mix(streams, [mix[c] for c in present], rng)
 
+    def _selected(self, urls: list[str], skip_bad: bool = False) -> Iterator[dict]:
+        """`read`, keeping only the selected folds' samples (all of them when no folds were selected)."""
+        if all(self.keys[url] is None for url in urls):
+            yield from self.read(urls, skip_bad)
+            return
+        for url in urls:
+            keys = self.keys[url]
+            yield from (s for s in self.read([url], skip_bad) if keys is None or s["__key__"] in keys)
+
     def _read_counted(self, urls: list[str], skip_bad: bool) -> Iterator[dict]:
         """`read`, counting the samples an unreadable rest of a shard cost (skip_bad skips it)."""
         expected = {s.url: s.num_samples for s in self.shards}
         for url in urls:
             n = 0
-            for sample in self.read([url], skip_bad):
+            for sample in self._selected([url], skip_bad):
                 n += 1
                 yield sample
             self._count_skipped(expected[url] - n)
@@ -521,6 +543,7 @@ def train_loader(
     max_batches: int = 0,
     prefetch_factor: int = 2,
     features: Callable[[dict], Sequence[float]] | None = None,
+    folds: Sequence[int] | None = None,
     fetch: sources.Fetch | None = None,
 ) -> ShardLoader:
     """Training `Batch`es, full batches only, `len()` equal on all ranks.
@@ -528,11 +551,11 @@ def train_loader(
     `balanced` draws classes with `class_weights` (default: equal); `batch_transform` runs in the
     worker on the uint8 batch (picklable); `skip_corrupt` skips undecodable samples with a warning
     instead of failing; `max_batches` > 0 caps the epoch (smoke runs); `features` (picklable) turns each
-    sample's JSON record into its metadata features (`Batch.meta`); `fetch` says how remote shards are
-    fetched (retries, cache folder).
+    sample's JSON record into its metadata features (`Batch.meta`); `folds` reads only those folds of
+    each folder's split (`lesionkit split`); `fetch` says how remote shards are fetched (retries, cache).
     """
     _check_common(image_size, batch_size, workers, rank, world_size)
-    classes, shards = _shards(dirs, fetch)
+    classes, shards = _shards(dirs, folds, fetch)
     slots = world_size * max(1, workers)
     if len(shards) < slots:
         total = sum(s.num_samples for s in shards)
@@ -581,13 +604,14 @@ def eval_loader(
     world_size: int,
     prefetch_factor: int = 2,
     features: Callable[[dict], Sequence[float]] | None = None,
+    folds: Sequence[int] | None = None,
     fetch: sources.Fetch | None = None,
 ) -> ShardLoader:
-    """Evaluation `Batch`es: in shard order, centre crop, every sample
+    """Evaluation `Batch`es: in shard order, centre crop, every sample (of `folds`, when given)
     exactly once across all ranks and workers (batch counts may differ per rank: gather by key at the
     end, never per batch). Corrupt samples raise, naming shard and key."""
     _check_common(image_size, batch_size, workers, rank, world_size)
-    classes, shards = _shards(dirs, fetch)
+    classes, shards = _shards(dirs, folds, fetch)
     stream = _Stream(
         shards,
         classes,

@@ -43,11 +43,12 @@ def score(
     batch_size: int,
     workers: int,
     preprocess,
+    folds=None,
     fetch=None,
 ):
-    """(keys, labels, logits [N, V, C]) of every sample of `dirs`, gathered from all ranks on every rank;
-    `fetch` (`sources.Fetch`) says how remote shards are fetched."""
-    classes, _, num_samples = dataset_info(dirs, fetch)
+    """(keys, labels, logits [N, V, C]) of every sample of `dirs` (of `folds` of their split, when given),
+    gathered from all ranks on every rank; `fetch` (`sources.Fetch`) says how remote shards are fetched."""
+    classes, _, num_samples = dataset_info(dirs, folds, fetch)
     check_classes(info, classes, ckpt, " ".join(map(str, dirs)))
     loader = eval_loader(
         dirs,
@@ -56,6 +57,7 @@ def score(
         workers=workers,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        folds=folds,
         fetch=fetch,
     )
     keys, labels, logits = predict_logits(
@@ -154,14 +156,11 @@ def summary_table(m: dict, classes: list[str], task: tasks.Task) -> str:
             f"{_fmt(m[f'spec_{c}']):>8}"
         )
     scores = []
-    for name in task.composites:
+    for name in dict.fromkeys([*task.composites, "balanced_accuracy", "auc_macro"]):
         lo_hi = ci.get(name)
         scores.append(f"{name} {_fmt(m[name])}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""))
-    lines.append(
-        "   ".join(
-            [*scores, f"balanced accuracy {_fmt(m['balanced_accuracy'])}", f"accuracy {_fmt(m['accuracy'])}"]
-        )
-    )
+    lines.append("   ".join([*scores, f"accuracy {_fmt(m['accuracy'])}"]))
+    lines.append(f"task {task.name}: score {task.score} = {_fmt(m.get(task.score))}")
     return "\n".join(lines)
 
 

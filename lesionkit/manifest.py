@@ -1,8 +1,13 @@
 """The shard folder contract: `manifest.json` beside `shard-NNNNNN.tar` files, written by `lesionkit pack`
 and read by every reader (loader, evaluate, stats). One module, so writer and readers agree on it.
 
-manifest.json holds `format_version`, `classes`, `num_samples`, `counts` (per class), `shards` (name,
-num_samples, counts, bytes, sha256 each), the pack `params` (stored `size`, ...), `sources`, `skipped`.
+manifest.json holds `format_version`, `classes`, `task`, `num_samples`, `counts` (per class), `shards`
+(name, num_samples, counts, bytes, sha256 each), the pack `params` (stored `size`, ...), `sources`,
+`skipped`, and summaries of the samples' `groups` (patient/lesion ids) and `metadata`.
+
+`lesionkit split` adds `split` (method, by, folds, seed, per-fold class `counts`, `fold_of`: sample id ->
+fold) and to every shard `fold_counts` (per fold, per class), so a reader that selects folds plans its
+batches from the manifest alone, exactly as without folds (`shard_selection`).
 """
 
 from __future__ import annotations
@@ -52,8 +57,39 @@ def as_list(locations) -> list[str]:
     return [str(locations)] if isinstance(locations, (str, Path)) else [str(d) for d in locations]
 
 
-def dataset_info(locations, fetch: sources.Fetch | None = None) -> tuple[list[str], dict[str, int], int]:
-    """(classes, counts per class, number of samples) over shard folders that share one class list."""
+def split_of(manifest: dict, location, folds=None) -> dict:
+    """The manifest's fold split, checked to hold `folds`; a UsageError naming the fix otherwise."""
+    split = manifest.get("split")
+    if not split:
+        raise UsageError(
+            f"{location} has no folds: assign them with `lesionkit split {location} --by lesion`"
+        )
+    bad = [f for f in folds or () if not 0 <= int(f) < split["folds"]]
+    if bad:
+        raise UsageError(f"{location} has folds 0..{split['folds'] - 1} (`lesionkit split`), not {bad}")
+    return split
+
+
+def shard_selection(
+    manifest: dict, location, folds=None
+) -> tuple[list[tuple[dict, int, dict]], frozenset | None]:
+    """([(shard record, samples, counts per class)], ids of the selected samples): every shard whole when
+    `folds` is None, else only the samples of `folds` (None for the ids: keep every sample)."""
+    if folds is None:
+        return [(rec, int(rec["num_samples"]), rec.get("counts", {})) for rec in manifest["shards"]], None
+    split, folds = split_of(manifest, location, folds), {int(f) for f in folds}
+    picked = []
+    for rec in manifest["shards"]:
+        counts = {c: sum(int(rec["fold_counts"][f].get(c, 0)) for f in folds) for c in manifest["classes"]}
+        picked.append((rec, sum(counts.values()), counts))
+    return picked, frozenset(i for i, f in split["fold_of"].items() if f in folds)
+
+
+def dataset_info(
+    locations, folds=None, fetch: sources.Fetch | None = None
+) -> tuple[list[str], dict[str, int], int]:
+    """(classes, counts per class, number of samples) over shard folders that share one class list; with
+    `folds`, of those folds of each folder's split only; `fetch` for remote folders."""
     classes, counts, total, first = None, {}, 0, None
     for folder in as_list(locations):
         manifest = read_manifest(folder, fetch)
@@ -65,9 +101,14 @@ def dataset_info(locations, fetch: sources.Fetch | None = None) -> tuple[list[st
                 f"shard folders disagree on the classes: {first} has {classes}, "
                 f"{folder} has {manifest['classes']}"
             )
-        for name, n in manifest.get("counts", {}).items():
-            counts[name] += int(n)
-        total += int(manifest["num_samples"])
+        if folds is None:
+            picked = [(manifest["num_samples"], manifest.get("counts", {}))]
+        else:
+            picked = [(n, shard_counts) for _, n, shard_counts in shard_selection(manifest, folder, folds)[0]]
+        for n, picked_counts in picked:
+            for name, k in picked_counts.items():
+                counts[name] += int(k)
+            total += int(n)
     if classes is None:
         raise UsageError("no shard folders given")
     return classes, counts, total

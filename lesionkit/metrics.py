@@ -157,6 +157,18 @@ def _rank_auc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
         return ((ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def _balanced_accuracy_rows(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Row-wise balanced accuracy of label/prediction rows [R, N]: the mean recall over the classes present
+    in each row, as `balanced_accuracy_score` computes it (tested equal). One bincount for all rows: ~1 ms
+    per 8k-sample resample against 11 ms for sklearn's call per resample (11 s per 1000)."""
+    rows = np.arange(y.shape[0])[:, None]
+    cm = np.bincount(((rows * n_classes + y) * n_classes + pred).ravel(), minlength=y.shape[0] * n_classes**2)
+    cm = cm.reshape(y.shape[0], n_classes, n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.diagonal(cm, axis1=1, axis2=2) / cm.sum(axis=2)
+    return np.nanmean(recall, axis=1)
+
+
 def bootstrap_ci(
     labels,
     probs,
@@ -167,20 +179,27 @@ def bootstrap_ci(
     chunk: int = 100,
     composites: dict[str, tuple[str, ...]] | None = None,
 ) -> dict:
-    """Percentile bootstrap CIs (resampling images with replacement) for each AUC and each composite
-    score ({name: classes whose AUCs it averages}, e.g. the ISIC 2017 score).
+    """Percentile bootstrap CIs (resampling images with replacement) for each AUC, the macro AUC (mean
+    over the classes defined in a resample), the balanced accuracy and each composite score ({name:
+    classes whose AUCs it averages}, e.g. the ISIC 2017 score).
 
     Returns {metric: [low, high] or None}; resamples where a class is missing or universal are left
     out of that metric's interval (`n_valid_<metric>` says how many were used).
     """
     labels, probs = _as_arrays(labels, probs, classes)
     rng = np.random.default_rng(seed)
+    pred = probs.argmax(axis=1)
     draws = {f"auc_{name}": [] for name in classes}
+    draws["balanced_accuracy"] = []
     for start in range(0, n, chunk):
         idx = rng.integers(0, labels.size, size=(min(chunk, n - start), labels.size))
         for c, name in enumerate(classes):
             draws[f"auc_{name}"].append(_rank_auc(labels[idx] == c, probs[idx, c]))
+        draws["balanced_accuracy"].append(_balanced_accuracy_rows(labels[idx], pred[idx], len(classes)))
     draws = {k: np.concatenate(v) for k, v in draws.items()}
+    with warnings.catch_warnings():  # a resample where no class AUC is defined: NaN, left out below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        draws["auc_macro"] = np.nanmean([draws[f"auc_{c}"] for c in classes], axis=0)
     for name, members in (composites or {}).items():
         if all(c in classes for c in members):
             draws[name] = np.mean([draws[f"auc_{c}"] for c in members], axis=0)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from lesionkit import __version__, tasks
 from lesionkit.atomic import staged_dir
 from lesionkit.errors import UsageError
-from lesionkit.ingest import collect, name_some
+from lesionkit.ingest import collect, name_some, summarize
 from lesionkit.manifest import FORMAT_VERSION, MANIFEST, SHARD_NAME, sha256_file
 
 # Like PIL's thumbnail(reducing_gap=2): decode at >= 2x the target size so Lanczos still has
@@ -144,7 +144,7 @@ def _write_shards(
         shards.append(record)
 
     try:
-        for sample_id, jpeg, width, height, error, label, meta in samples:
+        for sample_id, jpeg, width, height, error, label, meta, groups in samples:
             progress.update(1)
             if error is not None:
                 if not skip_bad:
@@ -165,6 +165,7 @@ def _write_shards(
                 "width": width,
                 "height": height,
                 "meta": meta,
+                "groups": groups,
             }
             writer.write(
                 {
@@ -188,6 +189,14 @@ def _write_shards(
     return shards
 
 
+def _task(name: str | None, found) -> str:
+    """The task to record: `name` (pack --task), checked against the classes, else the one the CSV implies."""
+    if name is None:
+        return found.task
+    tasks.get_task(name).check_classes(found.classes)
+    return name
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -203,14 +212,19 @@ def pack(
     seed: int = 0,
     skip_bad: bool = False,
     force: bool = False,
-    metadata: str | Path | None = None,
+    metadata=None,
     draft: bool = True,
     progress: bool = False,
+    task: str | None = None,
+    label_column: str | None = None,
 ) -> dict:
     """Pack `images` + `labels` into shards in `out`; return the manifest (also written to out/manifest.json).
 
-    Raises IngestError/PackError naming the bad samples; then `out` is untouched and no temp is left.
-    `draft=False` decodes at full resolution (the naive baseline `lesionkit bench pack` compares to).
+    `metadata`: a CSV or a list of CSVs (later files' values win). `task`: overrides the task the labels
+    CSV implies (checked against the classes); `label_column`: the label of a CSV with several (ISIC 2020:
+    `target` or `diagnosis`). Raises IngestError/PackError naming the bad samples; then `out` is
+    untouched and no temp is left. `draft=False` decodes at full resolution (the naive baseline
+    `lesionkit bench pack` compares to).
     """
     out = Path(out).absolute()
     for name, value, low, high in (
@@ -226,7 +240,13 @@ def pack(
     if (out.exists() or out.is_symlink()) and not force:
         raise PackError(f"output {out} already exists; pass --force to replace it")
 
-    found = collect(images, labels, metadata=metadata, skip_bad=skip_bad)
+    metadata = [] if metadata is None else [metadata] if isinstance(metadata, (str, Path)) else list(metadata)
+    found = collect(
+        images, labels, metadata=metadata, skip_bad=skip_bad, label_column=label_column, task=task
+    )
+    task = _task(task, found)
+    for note in found.notes:
+        log.warning("note: %s", note)
     if found.unlisted:
         log.warning(
             "warning: %d image file(s) in %s are not in %s and are not packed: %s",
@@ -246,7 +266,7 @@ def pack(
     skipped += unreadable
     table = table[~table["id"].isin({b["id"] for b in unreadable})]
     table = table.iloc[np.random.default_rng(seed).permutation(len(table))]  # every shard mixes classes
-    labels_by_id = dict(zip(table["id"], zip(table["label"], table["meta"])))
+    labels_by_id = dict(zip(table["id"], zip(table["label"], table["meta"], table["groups"])))
 
     encoded = _encoded(list(zip(table["id"], table["path"])), size, quality, draft, workers)
     with staged_dir(out) as tmp, contextlib.closing(encoded):  # closing stops the worker pool at once
@@ -259,14 +279,19 @@ def pack(
         for shard in shards:
             for name, n in shard["counts"].items():
                 counts[name] += n
+        left_out = {s["id"] for s in skipped}
+        packed = table[~table["id"].isin(left_out)]
+        summary = summarize(list(packed["meta"]), list(packed["groups"]))
         manifest = {
             "format_version": FORMAT_VERSION,
             "lesionkit_version": __version__,
             "classes": classes,
-            "task": tasks.detect(classes).name,
+            "task": task,
             "label_format": found.label_format,
             "num_samples": sum(s["num_samples"] for s in shards),
             "counts": counts,
+            "groups": summary["groups"],
+            "metadata": summary["metadata"],
             "shards": shards,
             "params": {
                 "size": size,
@@ -276,11 +301,12 @@ def pack(
                 "draft": draft,
                 "skip_bad": skip_bad,
                 "resample": "lanczos",
+                "label_column": label_column,
             },
             "sources": {
                 "images": str(Path(images).absolute()),
                 "labels": str(Path(labels).absolute()),
-                "metadata": str(Path(metadata).absolute()) if metadata is not None else None,
+                "metadata": [str(Path(m).absolute()) for m in metadata] or None,
             },
             "skipped": skipped,
         }

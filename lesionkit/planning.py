@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from lesionkit import devices, profiles, weights
 from lesionkit.errors import UsageError
-from lesionkit.manifest import as_list, read_manifest
+from lesionkit.manifest import as_list, read_manifest, shard_selection
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,13 @@ def cpus(env: Mapping[str, str] = os.environ) -> tuple[int, str]:
     return count, "CPU affinity"
 
 
-def count_shards(dirs) -> tuple[int, int]:
-    """(shards holding samples, samples) over shard folders."""
+def count_shards(dirs, folds=None) -> tuple[int, int]:
+    """(shards holding samples, samples) over shard folders (of `folds` of their split, when given)."""
     shards = samples = 0
     for folder in as_list(dirs):
-        manifest = read_manifest(folder)
-        shards += sum(1 for s in manifest["shards"] if int(s["num_samples"]) > 0)
-        samples += int(manifest["num_samples"])
+        picked, _ = shard_selection(read_manifest(folder), folder, folds)
+        shards += sum(1 for _, n, _ in picked if n > 0)
+        samples += sum(n for _, n, _ in picked)
     return shards, samples
 
 
@@ -96,12 +96,19 @@ class Plan:
         return "\n".join(f"lesionkit plan: {line}" for line in lines)
 
 
-def make(cfg, launch: Launch | None = None, strict: bool = True, env: Mapping[str, str] = os.environ) -> Plan:
-    """The plan of `cfg` under this launch; raises UsageError for a device or shard count it cannot run."""
+def make(
+    cfg,
+    launch: Launch | None = None,
+    strict: bool = True,
+    env: Mapping[str, str] = os.environ,
+    folds: tuple = (None, None),
+) -> Plan:
+    """The plan of `cfg` under this launch; raises UsageError for a device or shard count it cannot run.
+    `folds`: the (training, validation) folds of `--fold` (`train.fold_selection`)."""
     launch = launch or Launch.from_env(env)
     device, note = devices.select(cfg.cpu, strict=strict, env=env)
     world = launch.world
-    train_shards, samples = count_shards(cfg.train)
+    train_shards, samples = count_shards(cfg.train, folds[0])
     if train_shards < world:
         size = max(1, samples // (world * max(1, cfg.workers)))
         raise UsageError(
@@ -123,7 +130,7 @@ def make(cfg, launch: Launch | None = None, strict: bool = True, env: Mapping[st
     if workers < cfg.workers and train_shards // world == workers:
         better = max(1, samples // (world * cfg.workers))
         why += f"; --shard-size {better} would give every worker its shards"
-    val_shards = count_shards(cfg.val)[0] if cfg.val else 0
+    val_shards = count_shards(cfg.val or cfg.train, folds[1])[0] if cfg.val or folds[1] else 0
     start = weights.resolve(cfg)  # a weights cache without the file fails here, naming the fetch command
     if start is None:
         start = (

@@ -41,7 +41,7 @@ from lesionkit.config import TrainConfig
 from lesionkit.data import eval_loader, train_loader
 from lesionkit.errors import ConfigError, RunError
 from lesionkit.inference import gather_predictions, predict_logits
-from lesionkit.manifest import dataset_info, read_manifest
+from lesionkit.manifest import dataset_info, read_manifest, split_of
 from lesionkit.metrics import softmax_views
 from lesionkit.models import (
     create_model,
@@ -183,6 +183,7 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
                 raise ConfigError(
                     f"--{split} {d}: no manifest.json there (pack images with `lesionkit pack`)"
                 )
+    fold_selection(cfg)
     classes, _, _ = dataset_info(cfg.train)
     if cfg.val and dataset_info(cfg.val)[0] != classes:
         raise ConfigError(f"class sets differ: --train has {classes}, --val has {dataset_info(cfg.val)[0]}")
@@ -202,6 +203,22 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
     return monitor
 
 
+def fold_selection(cfg: TrainConfig) -> tuple[list[int] | None, list[int] | None]:
+    """(training folds, validation folds) of `--fold K`: every other fold of each --train folder's split,
+    and fold K of the same folders; (None, None) without --fold."""
+    if cfg.fold == -1:
+        return None, None
+    if cfg.fold < -1:
+        raise ConfigError(f"fold must be >= 0 (or -1 = off), got {cfg.fold}")
+    if cfg.val:
+        raise ConfigError(f"--fold {cfg.fold} validates on fold {cfg.fold} of --train: drop --val")
+    counts = {d: split_of(read_manifest(d), d, [cfg.fold])["folds"] for d in cfg.train}
+    if len(set(counts.values())) > 1:
+        raise ConfigError(f"--train folders have different numbers of folds: {counts}")
+    k = next(iter(counts.values()))
+    return [f for f in range(k) if f != cfg.fold], [cfg.fold]
+
+
 def probe_writable(output_dir: Path) -> None:
     """Learn that the output folder is unwritable or the disk full now, not at the first checkpoint."""
     try:
@@ -218,7 +235,7 @@ def probe_writable(output_dir: Path) -> None:
 
 def use_demo_data(cfg: TrainConfig) -> TrainConfig:
     """No --train/--val: the synthetic demo shards (made once; `python -m lesionkit.demo --prepare-only`)."""
-    if cfg.train and cfg.val:
+    if cfg.train and (cfg.val or cfg.fold != -1):
         return cfg
     from lesionkit.synth.demo_data import DEMO_SHARDS, ensure_demo_shards
 
@@ -297,12 +314,13 @@ def build(
     from accelerate.utils import set_seed
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    plan = plan or planning.make(cfg)
+    plan = plan or planning.make(cfg, folds=fold_selection(cfg))
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    train_folds, val_folds = fold_selection(cfg)
     workers, val_workers = agreed_workers(accelerator, plan)
     fetch = sources.Fetch(cache_dir=cfg.cache_dir or None, retries=cfg.fetch_retries)
-    classes, counts, _ = dataset_info(cfg.train, fetch)
+    classes, counts, _ = dataset_info(cfg.train, train_folds, fetch)
     task = tasks.for_manifest(read_manifest(cfg.train[0], fetch))
     monitor = monitor or task.monitor_for(cfg.monitor, classes)
 
@@ -350,6 +368,7 @@ def build(
         batch_transform=augment if placement == "workers" else None,
         skip_corrupt=cfg.skip_corrupt,
         max_batches=cfg.max_steps_per_epoch,
+        folds=train_folds,
         fetch=fetch,
     )
     return TrainContext(
@@ -369,15 +388,16 @@ def build(
         class_weights=class_weight_tensor(counts, classes).to(device) if cfg.class_weights else None,
         train_loader=loader,
         val_loader=eval_loader(
-            cfg.val,
+            cfg.val or cfg.train,
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
             workers=val_workers,
             rank=rank,
             world_size=world,
+            folds=val_folds,
             fetch=fetch,
         )
-        if cfg.val
+        if cfg.val or val_folds
         else None,
         placement=placement,
         state=state,
@@ -587,7 +607,8 @@ def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None, plan: planning
         ctx.counts,
         f"{cfg.model} on {accelerator.num_processes} x {accelerator.device.type}, "
         f"mixed precision {accelerator.mixed_precision}, augment {cfg.augment} on {ctx.placement}, "
-        f"classes {ctx.classes}, train {sum(ctx.counts.values())} samples",
+        f"classes {ctx.classes}, train {sum(ctx.counts.values())} samples"
+        + (f" (validating on fold {cfg.fold})" if cfg.fold != -1 else ""),
     )
     status = "completed"
     while state.epoch < cfg.epochs:

@@ -340,6 +340,8 @@ def test_bad_input_names_culprit_and_writes_nothing(fx, tmp_path, case, capsys):
         if case in ("empty", "bad_image", "isic2017_classes")
         else ["--data", str(fx["test"])]
     )
+    if case == "isic2017_classes":  # the default format is the checkpoint's task's (custom here)
+        src += ["--format", "isic2017"]
     rc = run_command("predict", ["--checkpoint", str(ckpt), *src, "--out", str(out), "--workers", "0"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("lesionkit predict: error:") and expect in err, err

@@ -87,6 +87,7 @@ def test_train_split_counts_and_tar_readback(tmp_path):
 def test_val_readback_with_webdataset_and_metadata(val_shards):
     manifest = json.loads((val_shards / "manifest.json").read_text())
     assert manifest["counts"] == {"nevus": 78, "melanoma": 30, "seborrheic_keratosis": 42}
+    assert manifest["task"] == "isic2017" and manifest["label_format"] == "isic2017"
     assert [s["num_samples"] for s in manifest["shards"]] == [40, 40, 40, 30]
     meta = pd.read_csv(THUMBS / "ISIC-2017_Validation_Data_metadata.csv", dtype=str).set_index("image_id")
     expected = csv_labels(THUMBS / "ISIC-2017_Validation_Part3_GroundTruth.csv")
@@ -97,8 +98,12 @@ def test_val_readback_with_webdataset_and_metadata(val_shards):
         key = sample["__key__"]
         assert info["id"] == key and info["label"] == int(sample["cls"])
         assert info["label_name"] == ISIC2017_CLASSES[info["label"]]
-        assert str(info["meta"]["age_approximate"]) == meta.loc[key, "age_approximate"]
-        assert info["meta"]["sex"] == meta.loc[key, "sex"]
+        # the one metadata vocabulary: age_approximate -> age, `unknown` -> None
+        age, sex = meta.loc[key, "age_approximate"], meta.loc[key, "sex"]
+        assert info["meta"] == {
+            "age": None if age == "unknown" else int(age),
+            "sex": None if sex == "unknown" else sex,
+        }
         image = Image.open(io.BytesIO(sample["jpg"]))
         assert image.mode == "RGB" and image.size == (256, 256) == (info["width"], info["height"])
         seen[key] = info["label"]
@@ -158,15 +163,16 @@ def read_back(folder: Path) -> dict[str, tuple[int, dict, Image.Image]]:
     }
 
 
-def test_onehot_isic2019_labels(tmp_path):
+def test_onehot_labels_drop_an_empty_unk_column(tmp_path):
     write_images(tmp_path / "img", {f"ISIC_{i}.jpg": ("RGB", (40, 30)) for i in range(4)})
     (tmp_path / "gt.csv").write_text(
         "image,MEL,NV,BCC,UNK\nISIC_0,1.0,0.0,0.0,0.0\nISIC_1,0.0,1.0,0.0,0.0\n"
         "ISIC_2,0.0,0.0,1.0,0.0\nISIC_3,0.0,1.0,0.0,0.0\n"
     )
     manifest = pack(tmp_path / "img", tmp_path / "gt.csv", tmp_path / "out", size=16, workers=0)
-    assert manifest["classes"] == ["MEL", "NV", "BCC", "UNK"] and manifest["label_format"] == "onehot"
-    assert manifest["counts"] == {"MEL": 1, "NV": 2, "BCC": 1, "UNK": 0}
+    # UNK (ISIC 2019's "none of these") never has a positive in training labels: not a class
+    assert manifest["classes"] == ["MEL", "NV", "BCC"] and manifest["label_format"] == "onehot"
+    assert manifest["counts"] == {"MEL": 1, "NV": 2, "BCC": 1} and manifest["task"] == "custom"
     back = read_back(tmp_path / "out")
     assert {k: v[0] for k, v in back.items()} == {"ISIC_0": 0, "ISIC_1": 1, "ISIC_2": 2, "ISIC_3": 1}
     assert back["ISIC_2"][1]["label_name"] == "BCC"

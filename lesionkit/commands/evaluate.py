@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="score only this fold of --data's split (`lesionkit split`): what `train --fold K` held out",
+    )
+    parser.add_argument(
         "--cache-dir", help="keep remote shards here once checked against the manifest's sha256"
     )
     parser.add_argument(
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     fetch = sources.Fetch(cache_dir=args.cache_dir, retries=args.fetch_retries)
     preprocess = build_preprocess(info, accelerator.device)
 
-    def scored(dirs):
+    def scored(dirs, folds=None):
         return score(
             accelerator,
             model,
@@ -94,10 +100,11 @@ def run(args: argparse.Namespace) -> int:
             args.batch_size,
             args.workers,
             preprocess,
+            folds,
             fetch,
         )
 
-    keys, labels, logits = scored(args.data)
+    keys, labels, logits = scored(args.data, None if args.fold is None else [args.fold])
     if args.fit_temperature:
         temperature = M.fit_temperature(logits.mean(axis=1), labels)
     probs = M.softmax_views(logits, temperature)
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         {
             "checkpoint": str(args.checkpoint),
             "data": [str(d) for d in args.data],
+            "fold": args.fold,
             "model": info["model"],
             "task": task.name,
             "classes": classes,

@@ -8,6 +8,7 @@ import time
 from lesionkit.errors import UsageError
 from lesionkit.ingest import name_some
 from lesionkit.pack import pack
+from lesionkit.tasks import TASKS
 
 
 def add_arguments(parser) -> None:
@@ -15,10 +16,29 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--labels",
         required=True,
-        help="labels CSV: ISIC 2017 Part 3, ISIC 2018/2019 one-hot, or image_id,label",
+        help="labels CSV: ISIC 2017 Part 3, ISIC 2018/2019 one-hot, ISIC 2020 (image_name,...,target), "
+        "HAM10000 metadata (dx), or image_id,label",
     )
     parser.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    parser.add_argument("--metadata", default=None, help="optional CSV (image_id,age_approximate,sex,...)")
+    parser.add_argument(
+        "--metadata",
+        nargs="+",
+        default=None,
+        help="optional metadata CSV(s): ISIC 2017/2019 metadata, HAM10000_metadata.csv (lesion ids), ...",
+    )
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default=None,
+        help="the task to record (default: detected from the labels CSV): "
+        + "; ".join(f"{name}: {t.description}" for name, t in TASKS.items()),
+    )
+    parser.add_argument(
+        "--label-column",
+        default=None,
+        help="the label of a CSV with several: ISIC 2020 `target` (default) or `diagnosis` (train on "
+        "diagnosis classes, still scored by melanoma AUC)",
+    )
     parser.add_argument("--size", type=int, default=256, help="shorter side of stored images (default 256)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
@@ -48,6 +68,8 @@ def run(args) -> int:
             force=args.force,
             metadata=args.metadata,
             progress=sys.stderr.isatty(),
+            task=args.task,
+            label_column=args.label_column,
         )
     except UsageError as e:
         raise type(e)(f"{e}\nnothing was written to {args.out}") from None
@@ -59,8 +81,10 @@ def run(args) -> int:
     counts = ", ".join(f"{k} {v}" for k, v in manifest["counts"].items())
     print(
         f"packed {n} samples ({counts}) into {len(manifest['shards'])} shard(s) in {args.out} "
-        f"in {seconds:.1f} s ({n / seconds:.0f} img/s)"
+        f"in {seconds:.1f} s ({n / seconds:.0f} img/s); task {manifest['task']}"
     )
+    for kind, g in manifest["groups"].items():
+        print(f"{kind} ids: {g['unique']} {kind}s over {g['present']} samples ({g['missing']} without one)")
     if manifest["skipped"]:
         print(
             f"skipped {len(manifest['skipped'])} bad sample(s): "

@@ -1,8 +1,11 @@
 """`lesionkit predict`: probabilities for a folder of raw images or packed shards -> a submission CSV.
 
-Formats:
-- `isic2017` (default): ISIC 2017 Part 3, `image_id,melanoma,seborrheic_keratosis`, one row per
-  image, sorted by id.
+Formats (default: the format of the checkpoint's task):
+- `isic2017`: ISIC 2017 Part 3, `image_id,melanoma,seborrheic_keratosis`, one row per image, sorted by id.
+- `isic2018`: `image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`; `isic2019`: `image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK`
+  (UNK 0: a closed-set model never predicts "none of these").
+- `isic2020`: `image_name,target`, target = the melanoma probability (also of a model trained on the
+  diagnosis classes).
 - `isic-scoring`: the official scorer's input (`isic-challenge-scoring classification TRUTH PRED`):
   an `image` column and one probability column per class. The scorer takes the category names from
   the ground-truth header and demands exactly the same columns in the prediction, so lesionkit writes
@@ -24,12 +27,13 @@ from lesionkit.atomic import write_text
 from lesionkit.config import TTA_MODES
 from lesionkit.data import eval_loader
 from lesionkit.errors import UsageError
+from lesionkit.evaluate import task_of
 from lesionkit.inference import build_preprocess, check_classes, load_checkpoint, predict_probs
 from lesionkit.manifest import dataset_info
 from lesionkit.predict import image_batches, list_images
 
 # format -> the task whose submission layout it is (`isic-scoring`: an image column, one column per class)
-FORMATS = {"isic2017": "isic2017", "isic-scoring": "custom"}
+FORMATS = {name: name for name in tasks.TASKS if name != "custom"} | {"isic-scoring": "custom"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--images", metavar="DIR", help="folder of raw .jpg/.jpeg/.png images (any size)")
     src.add_argument("--data", nargs="+", metavar="DIR", help="shard folder(s) written by `lesionkit pack`")
     parser.add_argument("--out", required=True, help="submission CSV to write")
-    parser.add_argument("--format", default="isic2017", choices=FORMATS, help="submission layout")
+    parser.add_argument(
+        "--format",
+        default=None,
+        choices=FORMATS,
+        help="submission layout (default: the checkpoint's task's; isic-scoring for a custom task)",
+    )
     parser.add_argument(
         "--truth-out",
         metavar="CSV",
@@ -65,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     model, info, temperature = load_checkpoint(args.checkpoint, device)
     temperature = args.temperature or temperature
-    classes, layout = list(info["classes"]), tasks.get_task(FORMATS[args.format])
+    classes, task = list(info["classes"]), task_of(info)
+    fmt = args.format or next((f for f, name in FORMATS.items() if name == task.name), "isic-scoring")
+    layout = tasks.get_task(FORMATS[fmt])
     if args.data:
         data_classes, _, num_samples = dataset_info(args.data)
         check_classes(info, data_classes, args.checkpoint, " ".join(args.data))
@@ -104,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if truth is not None:
         write_text(Path(args.truth_out), truth.to_csv(index=False))
     print(
-        f"lesionkit predict: {len(sub)} images, format {args.format}, tta={args.tta} -> {args.out}"
+        f"lesionkit predict: {len(sub)} images, format {fmt}, tta={args.tta} -> {args.out}"
         + (f" (ground truth: {args.truth_out})" if truth is not None else "")
     )
     return 0

@@ -7,11 +7,16 @@ from pathlib import Path
 
 from lesionkit import planning
 from lesionkit.config import add_config_flags, config_from_args, to_yaml
-from lesionkit.train import check_config, probe_writable, train, use_demo_data
+from lesionkit.train import check_config, fold_selection, probe_writable, train, use_demo_data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved plan (processes, devices, batch, LR, loader workers, shards per rank), exit",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = use_demo_data(cfg)
     monitor = check_config(cfg)
-    plan = planning.make(cfg, strict=not args.dry_run)
+    plan = planning.make(cfg, strict=not args.dry_run, folds=fold_selection(cfg))
     if plan.launch.rank == 0:
         print(plan.describe(cfg), flush=True)
     if args.dry_run:

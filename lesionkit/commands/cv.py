@@ -1,0 +1,53 @@
+"""`lesionkit cv --config RECIPE --data DIR --output-dir OUT`: every fold of DIR's split trained with the
+recipe (all `train` flags apply) and the out-of-fold predictions scored (`lesionkit.cv`)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from lesionkit.config import add_config_flags, config_from_args, to_yaml
+from lesionkit.cv import SELECT, cross_validate, report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", required=True, metavar="DIR", help="shard folder with folds (`lesionkit split`)"
+    )
+    parser.add_argument(
+        "--folds", nargs="+", type=int, metavar="K", help="run only these folds (default: all)"
+    )
+    parser.add_argument(
+        "--launcher",
+        default="",
+        help="command that starts each fold's training, e.g. 'accelerate launch --config_file "
+        "accelerate_configs/multi_gpu.yaml' (default: this python, one process)",
+    )
+    parser.add_argument(
+        "--select",
+        choices=SELECT,
+        default="last",
+        help="checkpoint of each fold to score: last (default; unbiased) or best (chosen on that same fold)",
+    )
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the CI (0 = off)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="bootstrap seed")
+    add_config_flags(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    summary = cross_validate(
+        cfg,
+        args.data,
+        folds=args.folds,
+        launcher=shlex.split(args.launcher) or None,
+        select=args.select,
+        bootstrap=args.bootstrap,
+        seed=args.bootstrap_seed,
+    )
+    print(report(summary, Path(cfg.output_dir)))
+    return 0

@@ -1,0 +1,192 @@
+"""Cross-validation of any recipe: train each fold of a split shard folder, score the out-of-fold predictions.
+
+For each fold K of the folder's split (`lesionkit split`), `train --fold K` runs as its own process (or
+under any launcher: `accelerate launch ...`, so a fold can use DDP) into `OUT/fold-K`, then `evaluate
+--fold K` scores its checkpoint on the samples it never trained on. The out-of-fold (OOF) predictions
+of all folds, pooled, give the CV score: the task's official score with its bootstrap CI, beside each
+fold's own score. `last/` is scored by default: `best/` was chosen on that very fold, which flatters it.
+
+A rerun of the same command continues: finished folds are kept, an interrupted one resumes from its
+`last/`, and scored folds are not scored again. A different config into the same OUT is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lesionkit import tasks
+from lesionkit.atomic import write_json, write_text
+from lesionkit.config import TrainConfig, load_config, to_yaml
+from lesionkit.errors import RunError, UsageError
+from lesionkit.manifest import read_manifest, split_of
+
+CONFIG = "cv-config.yaml"
+SELECT = ("last", "best")
+
+
+def fold_dir(out: Path, fold: int) -> Path:
+    return out / f"fold-{fold}"
+
+
+def _base_config(cfg: TrainConfig, data: str, out: Path) -> TrainConfig:
+    """The config every fold trains with (its fold and run folder are given on the command line)."""
+    if cfg.train or cfg.val or cfg.fold != -1:
+        raise UsageError(
+            "cv trains on the other folds of --data and validates on the held-out one: drop --train, "
+            "--val and --fold (--folds picks the folds to run)"
+        )
+    return dataclasses.replace(
+        cfg, train=[str(Path(data).absolute())], output_dir=str(out.absolute()), resume=False
+    )
+
+
+def _check_or_write_config(cfg: TrainConfig, out: Path) -> Path:
+    path = out / CONFIG
+    if path.is_file():
+        old = load_config(path)
+        differ = [f.name for f in dataclasses.fields(cfg) if getattr(old, f.name) != getattr(cfg, f.name)]
+        if differ:
+            raise UsageError(
+                f"{out} holds a cross-validation run with another config (differs in {', '.join(differ)}); "
+                "pass another --output-dir, or the same flags to continue it"
+            )
+        return path
+    write_text(path, to_yaml(cfg))
+    return path
+
+
+def _completed(run: Path) -> bool:
+    status = run / "status.json"
+    return status.is_file() and json.loads(status.read_text()).get("status") == "completed"
+
+
+def _run(cmd: list[str], what: str) -> None:
+    print(f"lesionkit cv: {what}: {' '.join(cmd)}", flush=True)
+    code = subprocess.run(cmd, check=False).returncode
+    if code != 0:
+        raise RunError(f"{what} failed (exit {code}); fix the cause and rerun the same command to continue")
+
+
+def _scored(run: Path, ckpt: Path, tta: str) -> bool:
+    metrics = run / "oof" / "metrics.json"
+    if not metrics.is_file():
+        return False
+    m = json.loads(metrics.read_text())
+    return m.get("checkpoint") == str(ckpt) and m.get("tta") == tta
+
+
+def cross_validate(
+    cfg: TrainConfig,
+    data: str,
+    folds: list[int] | None = None,
+    launcher: list[str] | None = None,
+    select: str = "last",
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Train and score `folds` (default: all) of `data`'s split with `cfg`; write OUT/cv.json and
+    OUT/oof_predictions.csv (OUT = cfg.output_dir) and return the summary."""
+    from lesionkit import train as train_module
+
+    out = Path(cfg.output_dir)
+    cfg = _base_config(cfg, data, out)
+    manifest = read_manifest(data)
+    split = split_of(manifest, data, folds)
+    folds = sorted({int(f) for f in folds}) if folds else list(range(split["folds"]))
+    if select not in SELECT:
+        raise UsageError(f"--select {select!r}: choose one of {', '.join(SELECT)}")
+    for fold in folds:  # every bad flag, monitor or fold fails now, before hours of training
+        train_module.check_config(dataclasses.replace(cfg, fold=fold, output_dir=str(fold_dir(out, fold))))
+    config = _check_or_write_config(cfg, out)
+    task = tasks.for_manifest(manifest)
+    launcher = launcher or [sys.executable]
+    for fold in folds:
+        run = fold_dir(out, fold)
+        if not _completed(run):
+            name = f"{cfg.run_name or out.name}-fold{fold}"
+            _run(
+                [*launcher, train_module.__file__, "--config", str(config), "--fold", str(fold)]
+                + ["--output-dir", str(run), "--resume", "--run-name", name],
+                f"fold {fold}: train",
+            )
+        ckpt = (run / select).resolve()
+        if not _scored(run, ckpt, cfg.val_tta):
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "lesionkit.cli",
+                    "evaluate",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--data",
+                    cfg.train[0],
+                ]
+                + ["--fold", str(fold), "--out", str(run / "oof"), "--tta", cfg.val_tta, "--bootstrap", "0"]
+                + ["--workers", str(cfg.workers), "--batch-size", str(cfg.batch_size)],
+                f"fold {fold}: score {select}/ on the held-out fold",
+            )
+    return score_out_of_fold(out, folds, task, manifest["classes"], select, bootstrap, seed, split)
+
+
+def score_out_of_fold(out: Path, folds, task, classes, select, bootstrap, seed, split) -> dict:
+    """Pool the folds' held-out predictions; the task's metrics with bootstrap CIs, per-fold scores."""
+    frames, per_fold = [], []
+    for fold in folds:
+        oof = fold_dir(out, fold) / "oof"
+        df = pd.read_csv(oof / "predictions.csv", dtype={"image_id": str})
+        frames.append(df.assign(fold=fold))
+        m = json.loads((oof / "metrics.json").read_text())
+        per_fold.append(
+            {"fold": fold, "n": m["n"], task.score: m.get(task.score), "checkpoint": m["checkpoint"]}
+        )
+    oof = pd.concat(frames).sort_values("image_id").reset_index(drop=True)
+    labels, probs = oof["label"].to_numpy(), oof[list(classes)].to_numpy()
+    m = task.metrics(labels, probs, classes)
+    if bootstrap:
+        m["ci"] = task.bootstrap_ci(labels, probs, classes, n=bootstrap, seed=seed)
+    fold_scores = np.array([f[task.score] for f in per_fold if f[task.score] is not None], dtype=float)
+    summary = {
+        "task": task.name,
+        "score_name": task.score,
+        "score": m.get(task.score),
+        "score_ci": m.get("ci", {}).get(task.score),
+        "fold_mean": float(fold_scores.mean()) if fold_scores.size else None,
+        "fold_sd": float(fold_scores.std(ddof=1)) if fold_scores.size > 1 else None,
+        "folds": per_fold,
+        "split": {k: v for k, v in split.items() if k not in ("fold_of", "counts")},
+        "select": select,
+        "oof": m,
+    }
+    write_text(out / "oof_predictions.csv", oof.to_csv(index=False))
+    write_json(out / "cv.json", summary)
+    return summary
+
+
+def report(summary: dict, out: Path) -> str:
+    """The lines `lesionkit cv` prints: each fold's score, then the pooled OOF score with its CI."""
+    name = summary["score_name"]
+    lines = [f"{'fold':>4} {'n':>6} {name:>20}"]
+    for f in summary["folds"]:
+        value = "-" if f[name] is None else f"{f[name]:.4f}"
+        lines.append(f"{f['fold']:>4} {f['n']:>6} {value:>20}")
+    ci = summary["score_ci"]
+    score = "-" if summary["score"] is None else f"{summary['score']:.4f}"
+    spread = (
+        ""
+        if summary["fold_sd"] is None
+        else f"; folds {summary['fold_mean']:.4f} ± {summary['fold_sd']:.4f} (sd)"
+    )
+    lines.append(
+        f"lesionkit cv: out-of-fold {name} {score}"
+        + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        + f" over {summary['oof']['n']} samples ({summary['select']}/ of each fold){spread} -> {out}/cv.json"
+    )
+    return "\n".join(lines)
