@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from lesionkit import checkpoint, seeds, tasks, tracking
+from lesionkit import checkpoint, runs, seeds, tasks, tracking
 from lesionkit.augment import build_augment, build_mixup, choose_placement, preset_params
 from lesionkit.config import TrainConfig
 from lesionkit.data import eval_loader, train_loader
@@ -187,7 +187,7 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
     if cfg.val and dataset_info(cfg.val)[0] != classes:
         raise ConfigError(f"class sets differ: --train has {classes}, --val has {dataset_info(cfg.val)[0]}")
     monitor = tasks.for_manifest(read_manifest(cfg.train[0])).monitor_for(cfg.monitor, classes)
-    ckpt = checkpoint.latest(Path(cfg.output_dir)) if cfg.resume else None
+    ckpt = runs.resume_checkpoint(cfg)
     if ckpt is not None:  # resuming into a run of another model or class set: say so now
         info = json.loads((ckpt / "info.json").read_text())
         if info["model"] != cfg.model:
@@ -216,20 +216,6 @@ def fold_selection(cfg: TrainConfig) -> tuple[list[int] | None, list[int] | None
         raise ConfigError(f"--train folders have different numbers of folds: {counts}")
     k = next(iter(counts.values()))
     return [f for f in range(k) if f != cfg.fold], [cfg.fold]
-
-
-def probe_writable(output_dir: Path) -> None:
-    """Learn that the output folder is unwritable or the disk full now, not at the first checkpoint."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-probe-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(os.urandom(1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output dir {output_dir} is not writable: {e.strerror or e}") from None
 
 
 def use_demo_data(cfg: TrainConfig) -> TrainConfig:
@@ -277,7 +263,7 @@ def make_accelerator(cfg: TrainConfig):
         mixed_precision=mixed_precision(cfg),
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="wandb" if cfg.wandb else None,
-        project_dir=cfg.output_dir,
+        project_dir=cfg.output_dir or None,
         kwargs_handlers=kwargs,
     )
 
@@ -295,6 +281,7 @@ def build(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> TrainContex
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     accelerator = make_accelerator(cfg)
+    cfg = runs.settle(accelerator, cfg)  # no --output-dir: a new run folder, named by the main process
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     train_folds, val_folds = fold_selection(cfg)
     classes, counts, _ = dataset_info(cfg.train, train_folds)
@@ -376,14 +363,16 @@ def build(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> TrainContex
 
 
 def resume(ctx: TrainContext) -> None:
-    """Load `last/` into the model, optimizer, RNG and the registered trainer state (every pickle checked
-    with weights_only=True first)."""
-    ckpt = checkpoint.latest(ctx.run_dir)
+    """Load `last/` (or the `--resume PATH` checkpoint) into the model, optimizer, RNG and the registered
+    trainer state (every pickle checked with weights_only=True first)."""
+    ckpt = runs.resume_checkpoint(ctx.cfg)
     if ckpt is None:
         ctx.reporter.print(f"--resume: no checkpoint in {ctx.run_dir}/last yet, starting fresh")
         return
     checkpoint.verify_loadable(ckpt)
     ctx.accelerator.load_state(str(ckpt))
+    if runs.run_of(ckpt) != ctx.run_dir.resolve():  # continued in a new run folder: its own best, W&B run
+        ctx.state.best, ctx.state.bad_epochs, ctx.state.wandb_id = ctx.monitor.worst, 0, ""
     ctx.reporter.print(f"resumed from {ckpt} (epoch {ctx.state.epoch}, step {ctx.state.step})")
 
 
@@ -481,7 +470,7 @@ def train_one_epoch(ctx: TrainContext, state: LoopState) -> EpochStats:
 
 
 def validate(ctx: TrainContext):
-    """(metrics, labels, probs): every validation sample scored exactly once across ranks (averaging
+    """(metrics, labels, probs, keys): every validation sample scored exactly once across ranks (averaging
     `val_tta` views, as `evaluate --tta` does); every rank gets the same metrics."""
     model = ctx.ema.module if ctx.ema is not None else ctx.model
     keys, labels, logits = predict_logits(
@@ -492,7 +481,7 @@ def validate(ctx: TrainContext):
         ctx.cfg.val_tta,
         autocast=ctx.accelerator.autocast,
     )
-    _, y, logits = gather_predictions(ctx.accelerator, keys, labels, logits)
+    keys, y, logits = gather_predictions(ctx.accelerator, keys, labels, logits)
     if not np.isfinite(logits).all():  # every rank sees the same gathered outputs, so all stop here together
         raise TrainingError(
             "validation outputs are not finite: the weights diverged (lower --lr or set "
@@ -501,7 +490,7 @@ def validate(ctx: TrainContext):
     p = softmax_views(logits)
     metrics = ctx.task.metrics(y, p, ctx.classes)
     metrics["loss"] = metrics["nll"]  # cross-entropy of the (view-averaged) probabilities
-    return metrics, y, p
+    return metrics, y, p, keys
 
 
 def save_checkpoint(ctx: TrainContext, metrics: dict, best: bool) -> None:
@@ -562,13 +551,12 @@ def weights_digest(model) -> str:
 def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> int:
     cfg = use_demo_data(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # before any rank can reach a save
-        for stale in checkpoint.clean_staging(Path(cfg.output_dir)):
-            print(f"lesionkit: removed {stale}, an unfinished checkpoint of an interrupted run", flush=True)
+        for done in runs.tidy(cfg):  # --force: the earlier run's files; unfinished checkpoints
+            print(f"lesionkit: {done}", flush=True)
     ctx = build(cfg, monitor)
     state, accelerator = ctx.state, ctx.accelerator
     if cfg.resume:
         resume(ctx)
-    state.wandb_id = state.wandb_id or tracking.new_run_id()
     ctx.reporter.start(
         state,
         ctx.counts,
@@ -594,17 +582,18 @@ def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None) -> int:
             )
             status = "preempted"
             break
-        metrics, val_y, val_p = validate(ctx)
+        metrics, val_y, val_p, val_keys = validate(ctx)
         lr, score = ctx.optimizer.param_groups[0]["lr"], metrics.get(ctx.monitor.name)
         step_scheduler(ctx.scheduler, score if score is not None else ctx.monitor.worst)
         improved = ctx.monitor.better(score, state.best)
         state.best, state.bad_epochs = (score, 0) if improved else (state.best, state.bad_epochs + 1)
         state.epoch, state.step = state.epoch + 1, 0
         row = ctx.reporter.epoch(
-            state, stats, metrics, lr, time.perf_counter() - t0, val_y, val_p, ctx.classes
+            state, stats, metrics, lr, time.perf_counter() - t0, val_y, val_p, ctx.classes, val_keys, improved
         )
         state.history.append(row)
         save_checkpoint(ctx, metrics, best=improved)
+        ctx.reporter.saved(state, metrics, best=improved)
         if cfg.early_stop_patience and state.bad_epochs >= cfg.early_stop_patience:
             ctx.reporter.print(
                 f"early stopping at epoch {state.epoch}: {ctx.monitor.name} has not improved for "

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lesionkit import runs
 from lesionkit.config import add_config_flags, config_from_args, to_yaml
-from lesionkit.train import check_config, probe_writable, train, use_demo_data
+from lesionkit.train import check_config, train, use_demo_data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    cfg = use_demo_data(cfg)
+    cfg = runs.prepare(use_demo_data(cfg))  # --resume PATH; an earlier run in the output dir is refused
     monitor = check_config(cfg)
-    probe_writable(Path(cfg.output_dir))
+    runs.probe_writable(Path(cfg.output_dir or runs.ROOT))
     return train(cfg, monitor)
