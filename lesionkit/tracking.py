@@ -210,8 +210,8 @@ def _finite(v) -> bool:
 
 
 def record(run) -> dict | None:
-    """What run.json keeps of the W&B run."""
-    if run is None:
+    """What run.json keeps of the W&B run (None when W&B is off or WANDB_MODE=disabled)."""
+    if run is None or run.settings.mode not in ("online", "offline"):
         return None
     return {"id": run.id, "mode": run.settings.mode, "dir": str(Path(run.dir).parent)}
 

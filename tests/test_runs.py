@@ -386,13 +386,14 @@ def test_resume_from_an_earlier_checkpoint_continues_in_a_new_folder(wb_run, sha
 
 
 @pytest.mark.slow
-def test_force_replaces_the_earlier_runs_files_only(shards, tmp_path):
+def test_force_replaces_the_earlier_runs_files_only_and_disabled_wandb_says_nothing(shards, tmp_path):
     run = earlier_run(tmp_path / "run")
     (run / "notes.txt").write_text("mine")
-    out = launch(
-        tmp_path, shards, "--epochs", "1", "--max-steps-per-epoch", "2", "--output-dir", run, "--force"
-    )
+    off = {"WANDB_MODE": "disabled"}  # W&B switched off by its own setting: nothing said about it
+    flags = ["--epochs", "1", "--max-steps-per-epoch", "2", "--output-dir", run, "--force"]
+    out = launch(tmp_path, shards, *flags, wandb=True, extra_env=off)
     assert f"--force: removed {run}/checkpoints of the earlier run" in out
+    assert "W&B" not in out and json.loads((run / "run.json").read_text())["segments"][0]["wandb"] is None
     assert (run / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001"]
     assert not (run / "wandb").exists() and json.loads((run / "metrics.json").read_text())["epoch"] == 1
