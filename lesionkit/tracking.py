@@ -106,9 +106,9 @@ def wandb_run(accelerator):
 
 
 def define_metrics(run, monitor) -> None:
-    """Validation curves against the epoch; `best/<monitor>` (the best score so far) summarised in the
-    monitor's direction. The validation metrics get no automatic summary: `set_best_summary` writes the
-    best epoch's values there, not the last epoch's."""
+    """`best/<monitor>` (the best score so far, against the epoch) summarised in the monitor's direction
+    (max, or min for losses). The validation metrics get no automatic summary
+    (`define_validation_metrics`): `set_best_summary` writes the best epoch's values there."""
     if run is None:
         return
     run.define_metric("epoch")
