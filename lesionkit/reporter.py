@@ -194,10 +194,13 @@ class Reporter:
         """The validation images of `keys` as the model saw them (centre crop), THUMBNAIL px square, HWC."""
         from lesionkit.data import eval_loader
 
-        size, found = min(THUMBNAIL, self.cfg.image_size), {}
-        for batch in eval_loader(
-            self.cfg.val, image_size=size, batch_size=64, workers=0, rank=0, world_size=1
-        ):
+        cfg, size, found = self.cfg, min(THUMBNAIL, self.cfg.image_size), {}
+        # what the trainer validates on: --val, or fold K of --train with --fold K
+        source, folds = (cfg.val, None) if cfg.val else (cfg.train, [cfg.fold])
+        reader = eval_loader(
+            source, image_size=size, batch_size=64, workers=0, rank=0, world_size=1, folds=folds
+        )
+        for batch in reader:
             for key, image in zip(batch.keys, batch.images):
                 if key in keys:
                     found[key] = image.permute(1, 2, 0).numpy()

@@ -160,6 +160,11 @@ def test_resume_takes_the_bare_flag_a_run_folder_or_a_checkpoint_folder(tmp_path
     assert cfg("--no-resume", "--output-dir", tmp_path / "empty").resume is False
 
 
+def test_cv_asks_for_the_output_dir_it_continues_through(shards, capsys):
+    assert run_command("cv", ["--data", str(shards["train"])]) == 2
+    assert "cv needs --output-dir OUT (rerun with the same OUT to continue it)" in capsys.readouterr().err
+
+
 def test_new_run_folders_are_unique_even_within_one_second(tmp_path, monkeypatch):
     monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20250102-030405")
     made = [runs.new_run_dir("resnet18", tmp_path) for _ in range(3)]
