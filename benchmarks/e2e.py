@@ -74,6 +74,7 @@ def _e2e_rank(args) -> dict:
         mixed_precision={"fp32": "no"}.get(precision, precision),
         cpu=device.type == "cpu",
         wandb=False,
+        output_dir=str(Path(tempfile.gettempdir()) / "lk-bench-e2e"),  # never written: no checkpoints, no W&B
     )
     ctx = trainer.build(cfg)
     ctx.reporter.main = False  # the benchmark prints its own table: no progress bars from the trainer

@@ -99,7 +99,9 @@ class TrainConfig:
     ema_decay: float = opt(0.0, "keep an exponential moving average of the weights and validate it (0 = off)")
     skip_nonfinite: bool = opt(False, "skip a step whose loss is NaN/inf instead of stopping")
     # run
-    output_dir: str = opt("runs/default", "run folder: checkpoints, metrics.json, W&B files")
+    output_dir: str = opt(
+        "", "run folder: checkpoints, metrics.json, run records, W&B files (none: a new runs/MODEL-TIME)"
+    )
     seed: int = opt(0, "seed of every random draw (weights, data order, augmentation)")
     mixed_precision: str = opt(
         "auto",
@@ -107,8 +109,12 @@ class TrainConfig:
         ("auto", "no", "bf16", "fp16"),
     )
     cpu: bool = opt(False, "train on the CPU even when a GPU is present")
-    resume: bool = opt(False, "continue from OUTPUT_DIR/last exactly where it stopped")
-    wandb: bool = opt(True, "log to Weights & Biases (offline without an API key)")
+    resume: bool | str = opt(
+        False,
+        "continue exactly where a run stopped: bare, from OUTPUT_DIR/last; or from a run or checkpoint "
+        "folder (a checkpoint that is not its run's last continues in a new run folder)",
+    )
+    wandb: bool = opt(True, "log to Weights & Biases (online when logged in, else offline)")
     wandb_project: str = opt("lesionkit", "W&B project")
     run_name: str = opt("", "W&B run name")
     collective_timeout_s: int = opt(300, "seconds a rank waits in a collective before the job fails")
@@ -146,6 +152,18 @@ class TrainConfig:
         "train on the other folds of --train's split (`lesionkit split`) and validate on this fold of the "
         "same folders, instead of --val (-1 = off)",
     )
+    # issue 18: run folders that never lose work, W&B dashboards
+    force: bool = opt(
+        False, "start a fresh run in an OUTPUT_DIR that holds an earlier run, replacing its files"
+    )
+    wandb_group: str = opt("", "W&B group (runs of one experiment side by side)")
+    wandb_tags: str = opt("", "W&B tags, comma-separated")
+    wandb_log_model: str = opt(
+        "none",
+        "upload checkpoints as W&B artifacts (aliases best, last; score in the metadata): best = each new "
+        "best one, all = every epoch's",
+        ("none", "best", "all"),
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,6 +199,8 @@ def _field_types() -> dict[str, type]:
 def _coerce(name: str, value, typ):
     """Check/convert one value against the dataclass annotation (YAML already gives native types)."""
     origin = typing.get_origin(typ)
+    if typ == bool | str:  # a flag that may take a value (`--resume [PATH]`): True, False or a path
+        return value if isinstance(value, bool) else str(value)
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
@@ -275,6 +295,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kw["choices"] = f.metadata["choices"]
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typ == bool | str:
+            parser.add_argument(flag, nargs="?", const=True, metavar="PATH", **kw)
+            parser.add_argument(flag.replace("--", "--no-"), action="store_const", const=False, dest=f.name)
         elif typing.get_origin(typ) is list:
             parser.add_argument(flag, nargs="+", metavar="DIR", **kw)
         elif typ is dict:

@@ -95,6 +95,8 @@ def cross_validate(
     OUT/oof_predictions.csv (OUT = cfg.output_dir) and return the summary."""
     from lesionkit import train as train_module
 
+    if not cfg.output_dir:  # a train run without one gets a new folder; a cv run is continued through it
+        raise UsageError("cv needs --output-dir OUT (rerun with the same OUT to continue it)")
     out = Path(cfg.output_dir)
     cfg = _base_config(cfg, data, out)
     manifest = read_manifest(data)

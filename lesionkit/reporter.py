@@ -1,25 +1,73 @@
-"""Every rank-0 side effect of a training run in one place: the console (start line, progress bar, the
-per-epoch table, the final line), W&B (through Accelerate's tracker) and the run folder's JSON records
-(`metrics.json`, `world.json`, `status.json`). On other ranks every method is a no-op, so the loop calls
-them unconditionally.
+"""Every rank-0 side effect of a training run in one place: the console (start line, progress, the
+per-epoch table, the final line), W&B (through Accelerate's tracker: `tracking`) and the run folder's
+records (`run.json` and `config.yaml` at each start, `metrics.json`, `world.json`, `status.json`). On
+other ranks every method is a no-op, so the loop calls them unconditionally.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import sys
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lesionkit import tracking
+from lesionkit import runs, tracking
 from lesionkit.atomic import write_json
 
 FIXED_COLUMNS = ("epoch", "train_loss", "val_loss")
 RUN_COLUMNS = ("lr", "data_wait", "time_s", "corrupt", "nonfinite")
+THUMBNAIL = 64  # pixels, of the images in the W&B predictions table
 
 
 def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class LineProgress:
+    """The progress bar of a non-interactive run (a Slurm .out file, a CI log): one whole line, formatted by
+    tqdm, every 10 % of the epoch or every minute, instead of tqdm's carriage-return redraws of every step
+    (measured in docs/training.md: the 12-epoch demo's log shrinks from about 200 KB to a few KB)."""
+
+    BAR = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+    def __init__(self, total: int, initial: int, desc: str, fraction: float = 0.1, seconds: float = 60.0):
+        self.total, self.initial, self.n, self.shown, self.desc = total, initial, initial, initial, desc
+        self.every, self.seconds, self.postfix = max(1, math.ceil(total * fraction)), seconds, ""
+        self.start = self.last = time.monotonic()
+        self.next = initial + self.every
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if self.n >= self.next or now - self.last >= self.seconds:
+            self._write(now)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if self.n > self.shown:  # an epoch cut short (a stop request) still says where it ended
+            self._write(time.monotonic())
+
+    def _write(self, now: float) -> None:
+        line = tqdm.format_meter(
+            self.n,
+            self.total,
+            now - self.start,
+            prefix=self.desc,
+            postfix=self.postfix,
+            bar_format=self.BAR,
+            initial=self.initial,
+        )
+        print(line, flush=True)
+        self.last, self.shown, self.next = now, self.n, (self.n // self.every + 1) * self.every
 
 
 class Reporter:
@@ -28,6 +76,8 @@ class Reporter:
         self.main = accelerator.is_main_process
         self.run_dir = Path(cfg.output_dir)
         self.columns = [*FIXED_COLUMNS, *columns, *RUN_COLUMNS]
+        self.wandb = None  # the live W&B run (main process, W&B on)
+        self.defined: set[str] = set()  # validation metrics declared to W&B in this process
 
     def print(self, message: str) -> None:
         if self.main:
@@ -35,20 +85,45 @@ class Reporter:
 
     # ---- start -----------------------------------------------------------------------------------------
     def start(self, state, counts: dict[str, int], description: str) -> None:
-        """Open the W&B run (same id on resume), then the start line, the table header and, on resume,
-        the rows of the epochs already done."""
+        """Open the W&B run (a new id for a new run, the same one on resume), write this start's records,
+        then the start line, where W&B writes, the table header and, on resume, the rows of the epochs
+        already done."""
+        new_run = not state.wandb_id
+        if new_run:
+            state.wandb_id = tracking.new_run_id()
+        run_facts = runs.facts(self.cfg, self.accelerator) if self.main else {}
         if self.cfg.wandb:
-            self.accelerator.init_trackers(
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fallback = tracking.start(
+                self.accelerator,
                 self.cfg.wandb_project,
-                config=self.cfg.to_dict(),
-                init_kwargs=tracking.init_kwargs(self.run_dir, state.wandb_id, self.cfg.run_name),
+                tracking.run_config(self.cfg, run_facts),
+                tracking.init_kwargs(self.run_dir, state.wandb_id, self.cfg),
             )
-            tracking.log_class_distribution(self.accelerator, counts)
+            if fallback:
+                self.print(fallback)
+            self.wandb = tracking.wandb_run(self.accelerator)
+            tracking.define_metrics(self.wandb, self.monitor)
+            if new_run:  # once per W&B run, not again on every resume
+                tracking.log_class_distribution(self.wandb, counts, state.global_step)
+            elif (self.run_dir / "best" / "info.json").is_file():  # this segment's summary starts at the best
+                best = json.loads((self.run_dir / "best" / "info.json").read_text())
+                tracking.set_best_summary(self.wandb, best["metrics"], best["epoch"])
+        if not self.main:
+            return
+        runs.write_records(
+            self.run_dir,
+            self.cfg,
+            runs.segment(self.cfg, self.accelerator, run_facts, state)
+            | {"wandb": tracking.record(self.wandb)},
+        )
         self.print(description)
-        if self.main:
-            print(self._line(), flush=True)
-            for row in state.history:
-                print(self._line(row), flush=True)
+        note = tracking.describe(self.wandb, self.run_dir)
+        if note:
+            self.print(note)
+        print(self._line(), flush=True)
+        for row in state.history:
+            print(self._line(row), flush=True)
 
     def _line(self, row: dict | None = None) -> str:
         widths = [max(len(c), 7) for c in self.columns]
@@ -58,23 +133,23 @@ class Reporter:
 
     # ---- steps -----------------------------------------------------------------------------------------
     def progress(self, total: int, done: int, epoch: int):
-        return tqdm(
-            total=total,
-            initial=done,
-            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
-            leave=False,
-            disable=not self.main,
-            file=sys.stdout,
-        )
+        """tqdm's bar on a terminal; whole lines every few percent in a log file (`LineProgress`)."""
+        desc = f"epoch {epoch + 1}/{self.cfg.epochs}"
+        if self.main and not sys.stdout.isatty():
+            return LineProgress(total, done, desc)
+        return tqdm(total=total, initial=done, desc=desc, leave=False, disable=not self.main, file=sys.stdout)
 
     def step(self, global_step: int, loss: float, lr: float) -> None:
         if self.main and global_step % 10 == 0:
             self.accelerator.log({"train/loss": loss, "train/lr": lr}, step=global_step)
 
     # ---- epochs ----------------------------------------------------------------------------------------
-    def epoch(self, state, stats, metrics: dict, lr: float, seconds: float, val_y, val_p, classes) -> dict:
+    def epoch(
+        self, state, stats, metrics: dict, lr: float, seconds: float, val_y, val_p, classes, keys, best: bool
+    ) -> dict:
         """The epoch's table row (returned for the loop state's history): printed, logged, and the
-        validation metrics written to metrics.json."""
+        validation metrics written to metrics.json. At a new best epoch, the W&B summary takes its metrics
+        and the predictions table is logged."""
         row = {
             "epoch": state.epoch,
             "train_loss": stats.loss,
@@ -88,23 +163,69 @@ class Reporter:
         }
         if self.main:
             print(self._line(row), flush=True)
+            values = {f"val/{k}": v for k, v in _numbers(metrics).items()}
+            tracking.define_validation_metrics(self.wandb, values, self.defined)
             self.accelerator.log(
-                {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+                values
                 | {
                     "epoch": state.epoch,
                     "train/epoch_loss": row["train_loss"],
                     "train/data_wait_fraction": row["data_wait"],
                     "train/skipped_corrupt": row["corrupt"],
                     "train/skipped_nonfinite": row["nonfinite"],
-                },
+                }
+                | ({f"best/{self.monitor.name}": state.best} if math.isfinite(state.best) else {}),
                 step=state.global_step,
             )
-            tracking.log_eval_plots(self.accelerator, val_y, val_p, classes, state.global_step)
+            tracking.log_eval_plots(self.wandb, val_y, val_p, classes, state.global_step)
+            if best and self.wandb is not None:
+                tracking.set_best_summary(self.wandb, metrics, state.epoch)
+                thumbnails = self._thumbnails({keys[i] for i in tracking.prediction_order(val_y, val_p)})
+                tracking.log_predictions(
+                    self.wandb, keys, val_y, val_p, classes, thumbnails, state.global_step
+                )
             write_json(
                 self.run_dir / "metrics.json",
                 {"epoch": state.epoch, "best": state.best, "monitor": self.monitor.name, **metrics},
             )
         return row
+
+    def _thumbnails(self, keys: set[str]) -> dict:
+        """The validation images of `keys` as the model saw them (centre crop), THUMBNAIL px square, HWC."""
+        from lesionkit.data import eval_loader
+
+        cfg, size, found = self.cfg, min(THUMBNAIL, self.cfg.image_size), {}
+        # what the trainer validates on: --val, or fold K of --train with --fold K
+        source, folds = (cfg.val, None) if cfg.val else (cfg.train, [cfg.fold])
+        reader = eval_loader(
+            source, image_size=size, batch_size=64, workers=0, rank=0, world_size=1, folds=folds
+        )
+        for batch in reader:
+            for key, image in zip(batch.keys, batch.images):
+                if key in keys:
+                    found[key] = image.permute(1, 2, 0).numpy()
+        return found
+
+    def saved(self, state, metrics: dict, best: bool) -> None:
+        """After an epoch's checkpoint is published: `--wandb-log-model` uploads it (best: each new best;
+        all: every epoch's), aliases `best`/`last` moving to the newest version that earns them."""
+        mode = self.cfg.wandb_log_model
+        if self.wandb is None or mode == "none" or (mode == "best" and not best):
+            return
+        aliases = [f"epoch-{state.epoch}", *(["best"] if best else []), *(["last"] if mode == "all" else [])]
+        tracking.log_checkpoint(
+            self.wandb,
+            (self.run_dir / "last").resolve(),
+            aliases,
+            {
+                "epoch": state.epoch,
+                "global_step": state.global_step,
+                "monitor": self.monitor.name,
+                "score": metrics.get(self.monitor.name),
+                "best": best,
+                **{f"val/{k}": v for k, v in _numbers(metrics).items()},
+            },
+        )
 
     # ---- end -------------------------------------------------------------------------------------------
     def finish(self, state, status: str, world_size: int, digests: list[str]) -> None:
@@ -127,7 +248,7 @@ class Reporter:
                     + (f"; final validation AUCs: {aucs}" if aucs else "")
                     + f"; checkpoints in {self.run_dir}/best, {self.run_dir}/last"
                 )
-            note = tracking.describe(self.accelerator)
+            note = tracking.describe(self.wandb, self.run_dir, end=True)
             if note:
-                print(note, flush=True)
+                self.print(note)
         self.accelerator.end_training()

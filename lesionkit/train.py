@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from lesionkit import checkpoint, devices, planning, seeds, sources, tasks, tracking, weights
+from lesionkit import checkpoint, devices, planning, runs, seeds, sources, tasks, tracking, weights
 from lesionkit.augment import build_augment, build_mixup, choose_placement, preset_params
 from lesionkit.config import TrainConfig
 from lesionkit.data import eval_loader, train_loader
@@ -188,7 +188,7 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
     if cfg.val and dataset_info(cfg.val)[0] != classes:
         raise ConfigError(f"class sets differ: --train has {classes}, --val has {dataset_info(cfg.val)[0]}")
     monitor = tasks.for_manifest(read_manifest(cfg.train[0])).monitor_for(cfg.monitor, classes)
-    ckpt = checkpoint.latest(Path(cfg.output_dir)) if cfg.resume else None
+    ckpt = runs.resume_checkpoint(cfg)
     if ckpt is not None:  # resuming into a run of another model or class set: say so now
         info = json.loads((ckpt / "info.json").read_text())
         if info["model"] != cfg.model:
@@ -217,20 +217,6 @@ def fold_selection(cfg: TrainConfig) -> tuple[list[int] | None, list[int] | None
         raise ConfigError(f"--train folders have different numbers of folds: {counts}")
     k = next(iter(counts.values()))
     return [f for f in range(k) if f != cfg.fold], [cfg.fold]
-
-
-def probe_writable(output_dir: Path) -> None:
-    """Learn that the output folder is unwritable or the disk full now, not at the first checkpoint."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-probe-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(os.urandom(1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output dir {output_dir} is not writable: {e.strerror or e}") from None
 
 
 def use_demo_data(cfg: TrainConfig) -> TrainConfig:
@@ -278,7 +264,7 @@ def make_accelerator(cfg: TrainConfig):
         mixed_precision=mixed_precision(cfg),
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="wandb" if cfg.wandb else None,
-        project_dir=cfg.output_dir,
+        project_dir=cfg.output_dir or None,
         kwargs_handlers=kwargs,
     )
 
@@ -316,6 +302,7 @@ def build(
 
     plan = plan or planning.make(cfg, folds=fold_selection(cfg))
     accelerator = make_accelerator(cfg)
+    cfg = runs.settle(accelerator, cfg)  # no --output-dir: a new run folder, named by the main process
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     train_folds, val_folds = fold_selection(cfg)
     workers, val_workers = agreed_workers(accelerator, plan)
@@ -408,14 +395,16 @@ def build(
 
 
 def resume(ctx: TrainContext) -> None:
-    """Load `last/` into the model, optimizer, RNG and the registered trainer state (every pickle checked
-    with weights_only=True first)."""
-    ckpt = checkpoint.latest(ctx.run_dir)
+    """Load `last/` (or the `--resume PATH` checkpoint) into the model, optimizer, RNG and the registered
+    trainer state (every pickle checked with weights_only=True first)."""
+    ckpt = runs.resume_checkpoint(ctx.cfg)
     if ckpt is None:
         ctx.reporter.print(f"--resume: no checkpoint in {ctx.run_dir}/last yet, starting fresh")
         return
     checkpoint.verify_loadable(ckpt)
     ctx.accelerator.load_state(str(ckpt))
+    if runs.run_of(ckpt) != ctx.run_dir.resolve():  # continued in a new run folder: its own best, W&B run
+        ctx.state.best, ctx.state.bad_epochs, ctx.state.wandb_id = ctx.monitor.worst, 0, ""
     ctx.reporter.print(f"resumed from {ckpt} (epoch {ctx.state.epoch}, step {ctx.state.step})")
 
 
@@ -514,7 +503,7 @@ def train_one_epoch(ctx: TrainContext, state: LoopState) -> EpochStats:
 
 
 def validate(ctx: TrainContext):
-    """(metrics, labels, probs): every validation sample scored exactly once across ranks (averaging
+    """(metrics, labels, probs, keys): every validation sample scored exactly once across ranks (averaging
     `val_tta` views, as `evaluate --tta` does); every rank gets the same metrics."""
     model = ctx.ema.module if ctx.ema is not None else ctx.model
     keys, labels, logits = predict_logits(
@@ -525,7 +514,7 @@ def validate(ctx: TrainContext):
         ctx.cfg.val_tta,
         autocast=ctx.accelerator.autocast,
     )
-    _, y, logits = gather_predictions(ctx.accelerator, keys, labels, logits)
+    keys, y, logits = gather_predictions(ctx.accelerator, keys, labels, logits)
     if not np.isfinite(logits).all():  # every rank sees the same gathered outputs, so all stop here together
         raise TrainingError(
             "validation outputs are not finite: the weights diverged (lower --lr or set "
@@ -534,7 +523,7 @@ def validate(ctx: TrainContext):
     p = softmax_views(logits)
     metrics = ctx.task.metrics(y, p, ctx.classes)
     metrics["loss"] = metrics["nll"]  # cross-entropy of the (view-averaged) probabilities
-    return metrics, y, p
+    return metrics, y, p, keys
 
 
 def save_checkpoint(ctx: TrainContext, metrics: dict, best: bool) -> None:
@@ -595,13 +584,12 @@ def weights_digest(model) -> str:
 def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None, plan: planning.Plan | None = None) -> int:
     cfg = use_demo_data(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # before any rank can reach a save
-        for stale in checkpoint.clean_staging(Path(cfg.output_dir)):
-            print(f"lesionkit: removed {stale}, an unfinished checkpoint of an interrupted run", flush=True)
+        for done in runs.tidy(cfg):  # --force: the earlier run's files; unfinished checkpoints
+            print(f"lesionkit: {done}", flush=True)
     ctx = build(cfg, monitor, plan)
     state, accelerator = ctx.state, ctx.accelerator
     if cfg.resume:
         resume(ctx)
-    state.wandb_id = state.wandb_id or tracking.new_run_id()
     ctx.reporter.start(
         state,
         ctx.counts,
@@ -627,17 +615,18 @@ def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None, plan: planning
             )
             status = "preempted"
             break
-        metrics, val_y, val_p = validate(ctx)
+        metrics, val_y, val_p, val_keys = validate(ctx)
         lr, score = ctx.optimizer.param_groups[0]["lr"], metrics.get(ctx.monitor.name)
         step_scheduler(ctx.scheduler, score if score is not None else ctx.monitor.worst)
         improved = ctx.monitor.better(score, state.best)
         state.best, state.bad_epochs = (score, 0) if improved else (state.best, state.bad_epochs + 1)
         state.epoch, state.step = state.epoch + 1, 0
         row = ctx.reporter.epoch(
-            state, stats, metrics, lr, time.perf_counter() - t0, val_y, val_p, ctx.classes
+            state, stats, metrics, lr, time.perf_counter() - t0, val_y, val_p, ctx.classes, val_keys, improved
         )
         state.history.append(row)
         save_checkpoint(ctx, metrics, best=improved)
+        ctx.reporter.saved(state, metrics, best=improved)
         if cfg.early_stop_patience and state.bad_epochs >= cfg.early_stop_patience:
             ctx.reporter.print(
                 f"early stopping at epoch {state.epoch}: {ctx.monitor.name} has not improved for "

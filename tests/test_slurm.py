@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.wandb_log import logged, run_record
+
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,8 +131,15 @@ def jobs(cluster, shards, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("jobs")
     data = {"train": shards / "train", "val": shards / "val", "epochs": 2}
     submitted = {
-        # the pre-empted run first: its test signals it while it trains
-        "preempt": sbatch(cluster, "customnet.sh", logdir, "preempt", **data, extra_args=SMOKE),
+        # the pre-empted run first: its test signals it while it trains; W&B offline (no login: empty netrc)
+        "preempt": sbatch(
+            dict(cluster, NETRC=os.devnull, WANDB_DATA_DIR=str(logdir / "wandb-data")),
+            "customnet.sh",
+            logdir,
+            "preempt",
+            **data,
+            extra_args=SMOKE.replace(" --no-wandb", ""),
+        ),
         "reference": sbatch(cluster, "customnet.sh", logdir, "reference", **data, extra_args=SMOKE),
         "two_nodes": sbatch(
             cluster, "customnet.sh", logdir, "two-nodes", "--nodes=2", **data, extra_args=SMOKE
@@ -229,6 +238,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_result(clust
         "log"
     ]
     assert read_json(out / "status.json")["status"] == "completed"
+    # both starts wrote into one offline W&B run (same id, steps continuing), uploaded by one command
+    segments = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(segments) == 2 and len({run_record(p).run_id for p in segments}) == 1, segments
+    steps = [[row["_step"] for row in logged(p)[1] if "_step" in row] for p in segments]
+    assert steps[1] and (not steps[0] or max(steps[0]) < min(steps[1])), steps
+    assert (
+        f"2 segment(s) under {out}/wandb); upload every segment with: wandb sync {out}/wandb" in info["log"]
+    )
 
     ref_job, ref_log, ref_out = jobs["reference"]
     ref = wait_done(cluster, ref_job, ref_log)

@@ -55,3 +55,40 @@ def logged(path: Path) -> tuple[dict, list[dict]]:
                 row[key] = json.loads(item.value_json)
             history.append(row)
     return config, history
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def summary(path: Path) -> dict:
+    """The run summary as the records of the file leave it (later updates win); values JSON-decoded."""
+    out = {}
+    for rec in records(path):
+        if rec.WhichOneof("record_type") == "summary":
+            for item in rec.summary.update:
+                out[_key(item)] = json.loads(item.value_json)
+    return out
+
+
+def run_record(path: Path):
+    """The file's `run` record (id, display name, group, tags, ...)."""
+    return next(rec.run for rec in records(path) if rec.WhichOneof("record_type") == "run")
+
+
+def artifacts(path: Path) -> list[dict]:
+    """Artifacts logged by the run: name, type, aliases, metadata and the files in their manifest."""
+    out = []
+    for rec in records(path):
+        if rec.WhichOneof("record_type") == "artifact":
+            a = rec.artifact
+            out.append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "aliases": list(a.aliases),
+                    "metadata": json.loads(a.metadata or "{}"),
+                    "files": {c.path: c.local_path for c in a.manifest.contents},
+                }
+            )
+    return out

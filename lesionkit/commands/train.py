@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lesionkit import planning
+from lesionkit import planning, runs
 from lesionkit.config import add_config_flags, config_from_args, to_yaml
-from lesionkit.train import check_config, fold_selection, probe_writable, train, use_demo_data
+from lesionkit.train import check_config, fold_selection, train, use_demo_data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,12 +24,12 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    cfg = use_demo_data(cfg)
+    cfg = runs.prepare(use_demo_data(cfg))  # --resume PATH; an earlier run in the output dir is refused
     monitor = check_config(cfg)
     plan = planning.make(cfg, strict=not args.dry_run, folds=fold_selection(cfg))
     if plan.launch.rank == 0:
         print(plan.describe(cfg), flush=True)
     if args.dry_run:
         return 0
-    probe_writable(Path(cfg.output_dir))
+    runs.probe_writable(Path(cfg.output_dir or runs.ROOT))
     return train(cfg, monitor, plan)
