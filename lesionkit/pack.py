@@ -88,9 +88,11 @@ def _encode_chunk(tasks: list[tuple[str, str]], size: int, quality: int, draft: 
     return results
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent, which stops the pool and removes the temp folder."""
+def _worker_signals() -> None:
+    """Workers leave Ctrl-C to the parent, which stops the pool and removes the temp folder; SIGTERM
+    kills them whatever handler the forking parent had (the pool's exit terminates its workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _encoded(tasks: list[tuple[str, str]], size: int, quality: int, draft: bool, workers: int):
@@ -101,7 +103,9 @@ def _encoded(tasks: list[tuple[str, str]], size: int, quality: int, draft: bool,
         for chunk in chunks:
             yield from _encode_chunk(chunk, size, quality, draft)
         return
-    with mp.get_context().Pool(workers, initializer=_ignore_sigint) as pool:  # exit terminates workers
+    # spawn, not fork: the parent may run threads (fsspec's IO loop, tqdm's monitor) whose locks a forked
+    # child would inherit held; exiting the block terminates the workers
+    with mp.get_context("spawn").Pool(workers, initializer=_worker_signals) as pool:
         todo = iter(chunks)
         pending: deque = deque()
         for chunk in todo:

@@ -149,10 +149,11 @@ class EpochStats:
 class StopRequest:
     """SIGUSR1 (Slurm's pre-emption warning) or SIGTERM: finish the step, checkpoint, exit."""
 
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -161,8 +162,15 @@ class StopRequest:
     def ignore_repeats():
         """Once `last/` is saved, a repeated signal must not kill the exiting process (the default
         action of SIGUSR1 is to terminate, with a traceback)."""
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in StopRequest.SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self):
+        """Give the caller its handlers back: `train()` runs in-process too (tests, notebooks, cv), and a
+        SIGTERM left ignored is inherited by every process forked later, which then cannot be stopped
+        (a `multiprocessing.Pool` hangs forever in `terminate()`)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -587,7 +595,14 @@ def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None, plan: planning
         for done in runs.tidy(cfg):  # --force: the earlier run's files; unfinished checkpoints
             print(f"lesionkit: {done}", flush=True)
     ctx = build(cfg, monitor, plan)
-    state, accelerator = ctx.state, ctx.accelerator
+    try:
+        return _loop(ctx)
+    finally:
+        ctx.stop.restore()
+
+
+def _loop(ctx: TrainContext) -> int:
+    cfg, state, accelerator = ctx.cfg, ctx.state, ctx.accelerator
     if cfg.resume:
         resume(ctx)
     ctx.reporter.start(

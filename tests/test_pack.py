@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 import tarfile
 from pathlib import Path
 
@@ -123,6 +124,20 @@ def test_fullres_sample_resized_with_aspect_kept(tmp_path):
         image = Image.open(io.BytesIO(sample["jpg"]))
         assert min(image.size) == 160 and image.mode == "RGB"
         assert abs(image.width / image.height - info["width"] / info["height"]) < 0.01
+
+
+@pytest.mark.timeout(120)
+def test_workers_end_when_the_parent_ignores_sigterm(tmp_path):
+    """Forked workers inherit the parent's SIGTERM disposition (an in-process training run sets one); the
+    pool's exit must still terminate them (it once hung here until the 600 s test timeout)."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        manifest = pack(
+            FULLRES / "images", FULLRES / "ground_truth.csv", tmp_path / "full", size=64, workers=2
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sum(manifest["counts"].values()) == 14
 
 
 def test_draft_decoding_matches_full_decode():

@@ -416,7 +416,7 @@ def test_ranks_of_a_ddp_run_without_output_dir_share_one_new_folder(shards, tmp_
 def test_logged_in_but_the_server_does_not_answer_the_run_goes_offline(shards, tmp_path, recorder):
     """A compute node without internet where the user's shared home holds a W&B login."""
     host = f"http://127.0.0.1:{recorder.server_address[1]}"
-    login = {"WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": host, "WANDB_INIT_TIMEOUT": "10"}
+    login = {"WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": host, "WANDB_INIT_TIMEOUT": "3"}
     out = launch(tmp_path, shards, "--epochs", "1", "--max-steps-per-epoch", "2", wandb=True, extra_env=login)
     assert "W&B server did not answer" in out and "logging offline" in out and recorder.requests
     (run,) = (tmp_path / "runs").iterdir()

