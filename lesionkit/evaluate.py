@@ -71,6 +71,17 @@ def score(
     return keys, labels, logits
 
 
+def evaluation_name(data, fold, tta: str) -> str:
+    """How the model card names an evaluation: the data, its fold and the TTA (one row per name)."""
+    from lesionkit.sources import display_name
+
+    return (
+        ", ".join(display_name(d) for d in data)
+        + ("" if fold is None else f" fold {fold}")
+        + ("" if tta == "none" else f", TTA {tta}")
+    )
+
+
 def load_thresholds(path: Path, classes: list[str]) -> tuple[dict, str]:
     """(thresholds per class, their source) from a thresholds.json or an evaluate output folder."""
     file = path / THRESHOLDS_FILE if path.is_dir() else path

@@ -7,11 +7,19 @@ import argparse
 from pathlib import Path
 
 from lesionkit import metrics as M
-from lesionkit import sources
+from lesionkit import modelcard, sources
 from lesionkit.atomic import write_json
 from lesionkit.config import TTA_MODES
 from lesionkit.errors import UsageError
-from lesionkit.evaluate import load_thresholds, log_to_wandb, score, summary_table, task_of, write_report
+from lesionkit.evaluate import (
+    evaluation_name,
+    load_thresholds,
+    log_to_wandb,
+    score,
+    summary_table,
+    task_of,
+    write_report,
+)
 from lesionkit.inference import TEMPERATURE_FILE, build_preprocess, load_checkpoint
 from lesionkit.manifest import MANIFEST
 
@@ -168,11 +176,22 @@ def run(args: argparse.Namespace) -> int:
             f"lesionkit evaluate: temperature {temperature:.4f} saved to "
             f"{Path(args.checkpoint) / TEMPERATURE_FILE}"
         )
+    card = modelcard.add_evaluation(
+        Path(args.checkpoint),
+        evaluation_name(args.data, args.fold, args.tta),
+        {
+            **m,
+            "ece_t1": M.expected_calibration_error(labels, M.softmax_views(logits, 1.0)),
+            "thresholds": thresholds,
+            "out": str(out),
+        },
+    )
     if args.wandb:
         log_to_wandb(Path(args.checkpoint), info, f"eval/{sources.display_name(args.data[0])}", m, out)
     print(summary_table(m, classes, task))
     print(
         f"lesionkit evaluate: {len(keys)} images, tta={args.tta}, {accelerator.num_processes} process(es) "
-        f"-> {out}/ (metrics.json, predictions.csv, roc.png, confusion.png, reliability.png)"
+        f"-> {out}/ (metrics.json, predictions.csv, roc.png, confusion.png, reliability.png); "
+        f"model card {card}"
     )
     return 0
