@@ -36,7 +36,7 @@ LICENCES = {
     "ham10000": "HAM10000: CC BY-NC 4.0, research use with attribution",
 }
 NO_LICENCE = "not recorded: check the licence of the images' source before any use"
-UNDER_REPRESENTED = 0.10  # a class with under 10% of the training samples
+UNDER_REPRESENTED = 0.5  # a class with under half of an equal share of the training images
 
 
 def dataset_facts(locations) -> list[dict]:
@@ -215,7 +215,7 @@ def render(ckpt: Path) -> Path:
         lines.append(f"- {key}: {pairs} (source: {e.get('thresholds_source')})")
     if not chosen:
         lines.append("- none chosen yet (`lesionkit evaluate --thresholds-from VALIDATION`)")
-    lines += ["", "## Test results", ""]
+    lines += ["", "## Evaluations (`lesionkit evaluate`)", ""]
     for key, e in evaluations.items():
         lines += [
             f"### {key}",
@@ -231,7 +231,7 @@ def render(ckpt: Path) -> Path:
     if not evaluations:
         lines += ["- none yet (`lesionkit evaluate --checkpoint THIS --data TEST`)", ""]
     total = sum(train_counts.values())
-    rare = [c for c, n in train_counts.items() if total and n / total < UNDER_REPRESENTED]
+    rare = [c for c, n in train_counts.items() if total and n / total < UNDER_REPRESENTED / len(classes)]
     lines += [
         "## Intended use",
         "",
@@ -250,9 +250,14 @@ def render(ckpt: Path) -> Path:
         "are forced into these classes.",
     ]
     if rare:
-        shares = ", ".join(f"{c} ({train_counts[c]} of {total} training images)" for c in rare)
+        shares = ", ".join(
+            f"{c} ({train_counts[c]} of {total} training images; validation AUC {_f(m.get(f'auc_{c}'))} "
+            f"{_ci(val.get('ci'), f'auc_{c}')})"
+            for c in rare
+        )
         lines.append(
-            f"- Under-represented classes: {shares}; their metrics have wide CIs and the least support."
+            f"- Under-represented classes: {shares}: the least training support; read their metrics "
+            "with their CIs and expect more errors on them than the averages suggest."
         )
     lines += [
         "",

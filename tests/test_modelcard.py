@@ -4,6 +4,7 @@ temperature and the thresholds."""
 
 import json
 import re
+import shutil
 
 import pytest
 
@@ -72,6 +73,8 @@ def test_every_published_checkpoint_has_a_card_with_the_run_numbers(run):
         assert "**Not a medical device**" in card and "Dermoscopy only" in card and "Fitzpatrick" in card
         assert "lesionkit train --config CHECKPOINT/config.yaml --output-dir runs/reproduce" in card
         assert "none yet (`lesionkit evaluate" in card and "no temperature fitted" in card
+        # 7 of 24 training images per minority class is over half an equal share: none is flagged here
+        assert "Under-represented classes" not in card
 
 
 def test_evaluate_adds_test_metrics_calibration_and_thresholds(run, tmp_path):
@@ -119,3 +122,18 @@ def test_evaluate_adds_test_metrics_calibration_and_thresholds(run, tmp_path):
     # evaluating the same data again replaces its section instead of adding another
     assert run_command("evaluate", [*common, "--data", str(fx["test"]), "--out", str(tmp_path / "t2")]) == 0
     assert (ckpt / "MODEL_CARD.md").read_text().count("### test") == 1
+
+
+def test_under_represented_classes_are_named_with_their_numbers(run, tmp_path):
+    from lesionkit import modelcard
+
+    _, out = run
+    ckpt = shutil.copytree((out / "best").resolve(), tmp_path / "ck")
+    facts = json.loads((ckpt / "card.json").read_text())
+    facts["training"]["train"][0]["counts"] = {"nevus": 90, "melanoma": 40, "seborrheic_keratosis": 12}
+    (ckpt / "card.json").write_text(json.dumps(facts))
+    card = modelcard.render(ckpt).read_text()
+    auc = json.loads((ckpt / "info.json").read_text())["metrics"]["auc_seborrheic_keratosis"]
+    line = "- Under-represented classes: seborrheic_keratosis (12 of 142 training images; validation AUC"
+    assert f"{line} {auc:.3f}" in card
+    assert "melanoma (40 of" not in card  # 28% is over half of an equal share (1/6)
