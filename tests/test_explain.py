@@ -19,7 +19,7 @@ from lesionkit.config import TrainConfig
 from lesionkit.explain import class_activation_maps, most_confident_errors
 from lesionkit.models import HALF, create_model, list_models
 from lesionkit.predict import load_image
-from tests.test_evaluate import CLASSES, build_fixture, make_checkpoint
+from tests.test_evaluate import CLASSES, build_fixture
 from tests.test_export import IMAGES
 
 S, MARK = 128, 24
@@ -72,8 +72,8 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", list_models())
-def test_maps_have_the_image_size_and_are_finite_for_every_model(model, tmp_path):
-    m = api.load(make_checkpoint(tmp_path / model, model=model, image_size=64))
+def test_maps_have_the_image_size_and_are_finite_for_every_model(model, registry_checkpoint):
+    m = api.load(registry_checkpoint(model))
     images = torch.stack([load_image(p, 64) for p in IMAGES[:3]])
     maps = class_activation_maps(m, images, [0, 1, 2])
     assert maps.shape == (3, 64, 64) and maps.dtype == np.float32
