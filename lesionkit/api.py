@@ -67,7 +67,8 @@ class Model:
         """Probabilities per class: a dict {class: p} for one image, a DataFrame (one row per image, indexed
         by id: the file stem, or the position for in-memory images) for several or a folder.
 
-        `images`: a path (file or folder), a PIL image, a uint8 HxWx3 array, or a list of them.
+        `images`: a path (file or folder), a PIL image, a uint8 HxWx3 array or [3, H, W] tensor, a list of
+        them, or a [N, H, W, 3] array / [N, 3, H, W] tensor.
         `metadata` is for checkpoints trained on metadata features; the registry models use images only.
         """
         if metadata is not None and not self.info.get("meta_features"):
@@ -89,8 +90,8 @@ def load(
 
 def _in_memory(image, i: int) -> tuple[str, io.BytesIO]:
     """A PIL image or uint8 array -> a lossless PNG file object, so it takes the raw-file path of packing."""
-    if isinstance(image, torch.Tensor):
-        image = image.cpu().numpy()
+    if isinstance(image, torch.Tensor):  # torch's layout: uint8 [3, H, W]
+        image = image.cpu().permute(1, 2, 0).numpy() if image.ndim == 3 else image.cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise UsageError(f"image {i}: arrays must be uint8 H x W x 3, got {image.dtype} {image.shape}")
@@ -110,7 +111,9 @@ def image_items(images) -> tuple[bool, list[tuple[str, object]]]:
         if path.is_dir():
             return False, list_images(path)
         return True, [_path_item(path)]
-    if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)) and np.ndim(images) == 3:
+    if isinstance(images, Image.Image) or (
+        isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim < 4
+    ):
         return True, [_in_memory(images, 0)]
     items = []
     for i, image in enumerate(images):

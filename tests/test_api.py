@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import lesionkit
@@ -63,6 +64,10 @@ def test_in_memory_images_match_the_same_image_as_a_file(fx, tmp_path):
     assert from_pil == pytest.approx(from_file, abs=1e-7)
     assert list(from_array.index) == ["0", "1"]
     assert np.allclose(from_array.to_numpy(), [list(from_file.values())] * 2, atol=1e-7)
+    chw = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1)  # torch's layout, one image and a batch
+    assert model.predict(chw) == pytest.approx(from_file, abs=1e-7)
+    assert np.allclose(model.predict(chw[None]).to_numpy(), [list(from_file.values())], atol=1e-7)
+    assert model.predict(pil.convert("L")) != pytest.approx(from_file, abs=1e-7)  # grey: taken as RGB
 
 
 def test_predict_command_takes_one_image_file_through_the_api(fx, tmp_path):
