@@ -137,3 +137,21 @@ def test_under_represented_classes_are_named_with_their_numbers(run, tmp_path):
     line = "- Under-represented classes: seborrheic_keratosis (12 of 142 training images; validation AUC"
     assert f"{line} {auc:.3f}" in card
     assert "melanoma (40 of" not in card  # 28% is over half of an equal share (1/6)
+
+
+def test_a_card_that_cannot_be_written_does_not_fail_the_evaluation(run, tmp_path, monkeypatch, capsys):
+    from lesionkit import modelcard
+
+    fx, out = run
+
+    def read_only(*_):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(modelcard, "write_json", read_only)
+    argv = ["--checkpoint", str(out / "best"), "--data", str(fx["val"]), "--out", str(tmp_path / "ev")]
+    assert run_command("evaluate", [*argv, "--workers", "0", "--bootstrap", "0"]) == 0
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+    assert (
+        f"model card not updated (Read-only file system: {out / 'best' / 'MODEL_CARD.md'})"
+        in capsys.readouterr().out
+    )

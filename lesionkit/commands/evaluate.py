@@ -208,16 +208,19 @@ def run(args: argparse.Namespace) -> int:
             f"lesionkit evaluate: temperature {temperature:.4f} saved to "
             f"{Path(args.checkpoint) / TEMPERATURE_FILE}"
         )
-    card = modelcard.add_evaluation(
-        Path(args.checkpoint),
-        evaluation_name(args.data, args.fold, args.tta),
-        {
-            **m,
-            "ece_t1": M.expected_calibration_error(labels, M.softmax_views(logits, 1.0)),
-            "thresholds": thresholds,
-            "out": str(out),
-        },
-    )
+    try:  # the report is written; a read-only checkpoint folder only costs the card its new section
+        card = modelcard.add_evaluation(
+            Path(args.checkpoint),
+            evaluation_name(args.data, args.fold, args.tta),
+            {
+                **m,
+                "ece_t1": M.expected_calibration_error(labels, M.softmax_views(logits, 1.0)),
+                "thresholds": thresholds,
+                "out": str(out),
+            },
+        )
+    except OSError as exc:
+        card = f"not updated ({exc.strerror or exc}: {Path(args.checkpoint) / modelcard.CARD})"
     if args.wandb:
         log_to_wandb(Path(args.checkpoint), info, f"eval/{sources.display_name(args.data[0])}", m, out)
     print(summary_table(m, classes, task))
