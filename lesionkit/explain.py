@@ -112,9 +112,9 @@ def write_explanations(
                 f"{'> ' if k == c else '  '}{name} {probs[i, k]:.3f}" for k, name in enumerate(classes)
             ]
             cells.append({"image": picture, "title": f"{keys[i]}{truth}", "caption": caption})
-    table = pd.DataFrame(rows)
+    table, row_of = pd.DataFrame(rows), {k: i for i, k in enumerate(keys)}
     for k, name in enumerate(classes):
-        table[f"p_{name}"] = [float(probs[keys.index(r["image_id"]), k]) for r in rows]
+        table[f"p_{name}"] = [float(probs[row_of[r["image_id"]], k]) for r in rows]
     write_text(folder / "explanations.csv", table.to_csv(index=False))
     if cells:
         contact_sheet(
@@ -127,7 +127,7 @@ def explain(checkpoint, images, out, classes=(), force: bool = False, device="cp
     """`lesionkit explain`: Grad-CAM overlays, a contact sheet and explanations.csv for image files or
     folders, written as one new folder `out` (an existing one is kept unless `force`)."""
     from lesionkit import api
-    from lesionkit.predict import UNREADABLE, load_image
+    from lesionkit.predict import load_image
 
     out = Path(out)
     if out.exists() and not force:
@@ -137,15 +137,11 @@ def explain(checkpoint, images, out, classes=(), force: bool = False, device="cp
     if unknown:
         raise UsageError(f"--classes {unknown}: not classes of {checkpoint} ({', '.join(model.classes)})")
     _, items = api.image_items(images)
-    keys, probs = model.predict_items(items)  # names every unreadable file first
-    tensors = []
+    keys, probs = model.predict_items(items)  # the API's probabilities; names every unreadable file
     for _, source in items:
-        if hasattr(source, "seek"):
+        if hasattr(source, "seek"):  # an in-memory image, read once already
             source.seek(0)
-        try:
-            tensors.append(load_image(source, model.image_size))
-        except UNREADABLE as exc:  # pragma: no cover - predict_items has named these already
-            raise UsageError(f"{source}: not a readable image ({exc})") from None
+    tensors = [load_image(source, model.image_size) for _, source in items]
     extra = [model.classes.index(c) for c in classes]
     with staged_dir(out) as tmp:
         write_explanations(model, keys, torch.stack(tensors), probs, tmp, extra)
