@@ -126,6 +126,20 @@ def _scores(m: dict, ci: dict | None, task) -> str:
     return "; ".join(parts + [f"accuracy {_f(m.get('accuracy'))}", f"ECE {_f(m.get('ece'))}"])
 
 
+def _metadata_lines(fields: dict) -> list[str]:
+    """The population the images come from, as far as the manifest's metadata summary records it."""
+    out = []
+    for name, e in fields.items():
+        if "values" in e:
+            shown = ", ".join(f"{v} {n}" for v, n in list(e["values"].items())[:12])
+        else:
+            shown = f"{_f(e.get('min'), 0)} to {_f(e.get('max'), 0)}, mean {_f(e.get('mean'), 1)}"
+        out.append(
+            f"  - {name}: {shown} ({e.get('missing', 0)} of {e['present'] + e.get('missing', 0)} unknown)"
+        )
+    return out or ["  - no patient metadata (age, sex, site) recorded in the manifest"]
+
+
 def render(ckpt: Path) -> Path:
     """Write MODEL_CARD.md from card.json, info.json, config.yaml and temperature.json."""
     from lesionkit.evaluate import task_of
@@ -170,6 +184,7 @@ def render(ckpt: Path) -> Path:
                 f"({', '.join(f'{c} {n}' for c, n in counts.items())})",
                 f"  - sources: images `{src.get('images')}`, labels `{src.get('labels')}`",
                 f"  - licence: {LICENCES.get(ds.get('task') or '', NO_LICENCE)}",
+                *_metadata_lines(ds.get("metadata") or {}),
             ]
     if training.get("fold", -1) not in (-1, None):
         lines.append(f"- validated on fold {training['fold']} of the training folders (grouped split)")

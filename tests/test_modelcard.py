@@ -62,6 +62,7 @@ def test_every_published_checkpoint_has_a_card_with_the_run_numbers(run):
         train_counts = json.loads((fx["test"] / "manifest.json").read_text())["counts"]
         assert f"`{fx['test']}`: 24 images ({', '.join(f'{c} {n}' for c, n in train_counts.items())})" in card
         assert f"`{fx['val']}`: 16 images" in card and str(fx["syn"] / "ISIC-2017_Training_Data") in card
+        assert "no patient metadata (age, sex, site) recorded" in card  # the synthetic set has none
         assert "- lr: `0.001`" in card and "- epochs: `2`" in card and "- image_size: `64`" in card
         # validation metrics with their bootstrap CIs, exactly the run's
         for c in CLASSES:
@@ -131,12 +132,18 @@ def test_under_represented_classes_are_named_with_their_numbers(run, tmp_path):
     ckpt = shutil.copytree((out / "best").resolve(), tmp_path / "ck")
     facts = json.loads((ckpt / "card.json").read_text())
     facts["training"]["train"][0]["counts"] = {"nevus": 90, "melanoma": 40, "seborrheic_keratosis": 12}
+    facts["training"]["train"][0]["metadata"] = {
+        "age": {"present": 130, "missing": 12, "min": 15, "max": 85, "mean": 51.25},
+        "sex": {"present": 140, "missing": 2, "values": {"female": 75, "male": 65}},
+    }
     (ckpt / "card.json").write_text(json.dumps(facts))
     card = modelcard.render(ckpt).read_text()
     auc = json.loads((ckpt / "info.json").read_text())["metrics"]["auc_seborrheic_keratosis"]
     line = "- Under-represented classes: seborrheic_keratosis (12 of 142 training images; validation AUC"
     assert f"{line} {auc:.3f}" in card
     assert "melanoma (40 of" not in card  # 28% is over half of an equal share (1/6)
+    assert "  - age: 15 to 85, mean 51.2 (12 of 142 unknown)" in card
+    assert "  - sex: female 75, male 65 (2 of 142 unknown)" in card
 
 
 def test_a_card_that_cannot_be_written_does_not_fail_the_evaluation(run, tmp_path, monkeypatch, capsys):
