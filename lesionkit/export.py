@@ -79,7 +79,8 @@ def parity_images(model, images=None, n: int = 16) -> tuple[torch.Tensor, str]:
         taken.append(batch.images)
         if sum(len(t) for t in taken) >= n:
             break
-    return torch.cat(taken)[:n], f"{n} validation image(s) from {' '.join(val)}"
+    u8 = torch.cat(taken)[:n]
+    return u8, f"{len(u8)} validation image(s) from {' '.join(val)}"
 
 
 def export(checkpoint, fmt: str, out, images=None, n: int = 16, tol: float = TOLERANCE, force=False) -> dict:
@@ -101,7 +102,7 @@ def export(checkpoint, fmt: str, out, images=None, n: int = 16, tol: float = TOL
         x = model.preprocess(u8).contiguous()
         graph = Probabilities(model.module, model.temperature).eval()
         reference = graph(x).numpy()
-    example = x[:2] if len(x) != 2 else x[:1]  # trace at another batch size than the check runs
+    example = torch.cat([x] * 3)[: 3 if len(x) == 2 else 2]  # traced at another batch size than checked
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)

@@ -107,6 +107,9 @@ def test_export_refuses_to_overwrite_and_needs_parity_images(tmp_path, capsys, r
     assert f"{out} exists; pass --force" in capsys.readouterr().err
     assert out.read_bytes() == b"an earlier export"
     assert _export(ckpt, "onnx", out, "--force") == 0 and out.stat().st_size > 1000
+    # one parity image: the graph is still traced at another batch size (2) than it is checked at (1)
+    assert _export(ckpt, "torchscript", tmp_path / "one.pt", "--parity-images", "1") == 0
+    assert json.loads((tmp_path / "one.pt.json").read_text())["parity"]["n"] == 1
     rc = run_command(
         "export", ["--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "n.onnx")]
     )
