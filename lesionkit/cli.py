@@ -43,6 +43,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "score a checkpoint on packed shards: metrics.json, predictions, plots",
     ),
     "predict": ("lesionkit.commands.predict", "write a submission CSV for a folder of images or shards"),
+    "explain": (
+        "lesionkit.commands.explain",
+        "Grad-CAM heat maps of a checkpoint over images: overlays and a contact sheet",
+    ),
+    "export": (
+        "lesionkit.commands.export",
+        "export a checkpoint to ONNX or TorchScript (preprocessing as JSON beside it), parity-checked",
+    ),
     "preview-aug": ("lesionkit.commands.preview", "write a PNG grid of original and augmented images"),
     "weights": (
         "lesionkit.commands.weights",

@@ -71,6 +71,17 @@ def score(
     return keys, labels, logits
 
 
+def evaluation_name(data, fold, tta: str) -> str:
+    """How the model card names an evaluation: the data, its fold and the TTA (one row per name)."""
+    from lesionkit.sources import display_name
+
+    return (
+        ", ".join(display_name(d) for d in data)
+        + ("" if fold is None else f" fold {fold}")
+        + ("" if tta == "none" else f", TTA {tta}")
+    )
+
+
 def load_thresholds(path: Path, classes: list[str]) -> tuple[dict, str]:
     """(thresholds per class, their source) from a thresholds.json or an evaluate output folder."""
     file = path / THRESHOLDS_FILE if path.is_dir() else path
@@ -93,13 +104,31 @@ def predictions_frame(keys, labels, probs, classes) -> pd.DataFrame:
     return df
 
 
+def images_of(dirs, keys, image_size: int, folds=None, fetch=None):
+    """uint8 [len(keys), 3, S, S]: the samples `keys` of shard folders `dirs` as the model saw them."""
+    import torch
+
+    wanted, found = set(keys), {}
+    reader = eval_loader(
+        dirs, image_size=image_size, batch_size=64, workers=0, rank=0, world_size=1, folds=folds, fetch=fetch
+    )
+    for batch in reader:
+        for key, image in zip(batch.keys, batch.images):
+            if key in wanted:
+                found[key] = image
+    return torch.stack([found[k] for k in keys])
+
+
 def write_report(
-    out: Path, m: dict, keys, labels, probs, classes, own_thresholds: dict, data, title: str
+    out: Path, m: dict, keys, labels, probs, classes, own_thresholds: dict, data, title: str, extra=None
 ) -> Path:
-    """The evaluation folder, all at once: metrics.json, thresholds.json, predictions.csv and the plots."""
+    """The evaluation folder, all at once: metrics.json, thresholds.json, predictions.csv and the plots;
+    `extra(folder)` adds more (the explained errors) before the folder is swapped in."""
     from lesionkit import plots
 
     with staged_dir(out) as tmp:
+        if extra is not None:
+            extra(tmp)
         write_json(tmp / "metrics.json", m)
         write_json(
             tmp / THRESHOLDS_FILE, {"thresholds": own_thresholds, "source": f"Youden's J on {' '.join(data)}"}

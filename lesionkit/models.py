@@ -208,6 +208,27 @@ def _scratch(model: CustomNet, pretrained: bool, name: str) -> nn.Module:
     return model
 
 
+# name -> dotted path of the layer Grad-CAM explains (`lesionkit.explain`): the last feature map with
+# spatial extent, after its nonlinearity, as pytorch-grad-cam's docs choose them per architecture
+CAM_LAYERS = {
+    "customnet": "features.4.1",  # last block's ReLU, before its max-pool halves the map again
+    "customnet_bn": "features.4.5",
+    "resnet18": "layer4",
+    "resnet34": "layer4",
+    "resnet50": "layer4",
+    "densenet121": "features.norm5",  # the last dense block's BN (the final ReLU is functional)
+    "efficientnet_b0": "features.8",  # the 1x1 head conv + BN + SiLU
+    "alexnet": "features.11",
+    "efficientnet_lite0": "bn2",  # timm's head BatchNormAct (BN + ReLU6) after conv_head
+}
+
+
+def cam_layer(model: nn.Module, name: str) -> nn.Module:
+    """The Grad-CAM target layer of registry model `name` (built by `create_model`)."""
+    _entry(name)
+    return model.get_submodule(CAM_LAYERS[name])
+
+
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -22,7 +22,7 @@ from lesionkit.pack import encode_image
 
 
 class ImageFolder(Dataset):
-    """Raw images -> (uint8 [3,S,S], id, error text ("" when fine))."""
+    """Raw images (paths or binary file objects) -> (uint8 [3,S,S], id, error text ("" when fine))."""
 
     def __init__(self, items: list[tuple[str, Path]], size: int):
         self.items, self.size = items, size
@@ -33,14 +33,24 @@ class ImageFolder(Dataset):
     def __getitem__(self, i: int):
         key, path = self.items[i]
         try:
-            jpeg, _, _ = encode_image(path, self.size, quality=95)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # name it, go on
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), key, f"{path.name}: {exc}"
-        with Image.open(io.BytesIO(jpeg)) as im:
-            image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-        h, w = image.shape[-2:]
-        top, left = (h - self.size) // 2, (w - self.size) // 2
-        return image[:, top : top + self.size, left : left + self.size], key, ""
+            return load_image(path, self.size), key, ""
+        except UNREADABLE as exc:  # name it, go on
+            name = getattr(path, "name", key)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), key, f"{name}: {exc}"
+
+
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def load_image(source, size: int) -> torch.Tensor:
+    """One raw image (a path or a binary file object) -> uint8 [3, size, size]: what packing stores
+    (`pack.encode_image`) centre-cropped as the evaluation reader crops it. Raises `UNREADABLE`."""
+    jpeg, _, _ = encode_image(source, size, quality=95)
+    with Image.open(io.BytesIO(jpeg)) as im:
+        image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    h, w = image.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[:, top : top + size, left : left + size]
 
 
 def list_images(folder: Path) -> list[tuple[str, Path]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lesionkit import runs, tracking
+from lesionkit import modelcard, runs, tracking
 from lesionkit.atomic import write_json
 
 FIXED_COLUMNS = ("epoch", "train_loss", "val_loss")
@@ -205,6 +205,11 @@ class Reporter:
                 if key in keys:
                     found[key] = image.permute(1, 2, 0).numpy()
         return found
+
+    def model_card(self, folder: Path, task, classes, metrics: dict, val_y=None, val_p=None) -> None:
+        """MODEL_CARD.md (and its facts, card.json) into a checkpoint folder before it is published."""
+        if self.main:
+            modelcard.record_training(folder, self.cfg, task, classes, metrics, val_y, val_p)
 
     def saved(self, state, metrics: dict, best: bool) -> None:
         """After an epoch's checkpoint is published: `--wandb-log-model` uploads it (best: each new best;

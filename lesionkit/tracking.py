@@ -191,8 +191,9 @@ def log_predictions(run, keys, labels, probs, classes, thumbnails: dict, step: i
 
 def log_checkpoint(run, ckpt: Path, aliases: list[str], metadata: dict) -> None:
     """A checkpoint's inference files (model.pt, config.yaml, info.json: what `evaluate` and `predict`
-    load) as a version of the run's `model-<id>` artifact. Copied now (wandb stages them): `publish` may
-    remove the checkpoint folder before an offline run is synced."""
+    load) and its model card (MODEL_CARD.md, card.json) as a version of the run's `model-<id>` artifact.
+    Copied now (wandb stages them): `publish` may remove the checkpoint folder before an offline run is
+    synced."""
     if run is None:
         return
     import wandb
@@ -200,8 +201,9 @@ def log_checkpoint(run, ckpt: Path, aliases: list[str], metadata: dict) -> None:
     artifact = wandb.Artifact(
         f"model-{run.id}", type="model", metadata={k: v for k, v in metadata.items() if _finite(v)}
     )
-    for name in ("model.pt", "config.yaml", "info.json"):
-        artifact.add_file(str(Path(ckpt) / name), name=name)
+    for name in ("model.pt", "config.yaml", "info.json", "MODEL_CARD.md", "card.json"):
+        if name in ("model.pt", "config.yaml", "info.json") or (Path(ckpt) / name).is_file():
+            artifact.add_file(str(Path(ckpt) / name), name=name)
     run.log_artifact(artifact, aliases=aliases)
 
 

@@ -534,8 +534,9 @@ def validate(ctx: TrainContext):
     return metrics, y, p, keys
 
 
-def save_checkpoint(ctx: TrainContext, metrics: dict, best: bool) -> None:
-    """Every rank writes its part into a staging folder; the main process publishes it atomically."""
+def save_checkpoint(ctx: TrainContext, metrics: dict, best: bool, val=None) -> None:
+    """Every rank writes its part into a staging folder; the main process publishes it atomically, with
+    its model card (`val`: the validation labels and probabilities, for the card's CIs)."""
     cfg, accelerator, state = ctx.cfg, ctx.accelerator, ctx.state
     name = checkpoint.checkpoint_name(state.epoch, state.step)
     staging = checkpoint.staging_dir(ctx.run_dir, name)
@@ -565,6 +566,7 @@ def save_checkpoint(ctx: TrainContext, metrics: dict, best: bool) -> None:
                     "wandb_id": state.wandb_id,
                 },
             )
+            ctx.reporter.model_card(staging, ctx.task, ctx.classes, metrics, *(val or (None, None)))
     except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, size limit (torch, safetensors)
         shutil.rmtree(staging, ignore_errors=True)
         why = e.strerror if isinstance(e, OSError) else str(e).strip().splitlines()[0]
@@ -640,7 +642,7 @@ def _loop(ctx: TrainContext) -> int:
             state, stats, metrics, lr, time.perf_counter() - t0, val_y, val_p, ctx.classes, val_keys, improved
         )
         state.history.append(row)
-        save_checkpoint(ctx, metrics, best=improved)
+        save_checkpoint(ctx, metrics, best=improved, val=(val_y, val_p))
         ctx.reporter.saved(state, metrics, best=improved)
         if cfg.early_stop_patience and state.bad_epochs >= cfg.early_stop_patience:
             ctx.reporter.print(

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 CLASSES = ["nevus", "melanoma", "seborrheic_keratosis"]
@@ -108,8 +109,22 @@ def make_shards(
 
 def pytest_collection_modifyitems(items):
     """Slurm and 2-process tests are slow too: `pytest -m "not slow"` leaves them out of the inner loop."""
-    import pytest
-
     for item in items:
         if item.get_closest_marker("slurm") or item.get_closest_marker("ddp"):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def registry_checkpoint(tmp_path_factory):
+    """name -> a 64 px checkpoint of that registry model (seeded random weights), made once per session:
+    the export and explain tests share them (AlexNet's alone is 240 MB to write)."""
+    from tests.test_evaluate import make_checkpoint
+
+    root, made = tmp_path_factory.mktemp("registry"), {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = make_checkpoint(root / name, model=name, image_size=64)
+        return made[name]
+
+    return get

@@ -309,7 +309,9 @@ def test_wandb_run_file_holds_run_facts_best_summary_artifacts_and_predictions(w
     assert all(a["name"] == f"model-{record.run_id}" and "last" in a["aliases"] for a in models)
     (best_art,) = [a for a in models if "best" in a["aliases"] and a["metadata"]["epoch"] == best["epoch"]]
     assert best_art["metadata"]["score"] == pytest.approx(best["metrics"]["isic2017_score"])
-    assert set(best_art["files"]) == {"model.pt", "config.yaml", "info.json"}
+    assert set(best_art["files"]) == {"model.pt", "config.yaml", "info.json", "MODEL_CARD.md", "card.json"}
+    card = Path(best_art["files"]["MODEL_CARD.md"]).read_text()
+    assert f"checkpoint: epoch {best['epoch']}," in card and "**Not a medical device**" in card
     staged = Path(best_art["files"]["model.pt"]).read_bytes()
     assert staged == (run / "best" / "model.pt").read_bytes()
 

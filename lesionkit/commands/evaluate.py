@@ -7,11 +7,19 @@ import argparse
 from pathlib import Path
 
 from lesionkit import metrics as M
-from lesionkit import sources
+from lesionkit import modelcard, sources
 from lesionkit.atomic import write_json
 from lesionkit.config import TTA_MODES
 from lesionkit.errors import UsageError
-from lesionkit.evaluate import load_thresholds, log_to_wandb, score, summary_table, task_of, write_report
+from lesionkit.evaluate import (
+    evaluation_name,
+    load_thresholds,
+    log_to_wandb,
+    score,
+    summary_table,
+    task_of,
+    write_report,
+)
 from lesionkit.inference import TEMPERATURE_FILE, build_preprocess, load_checkpoint
 from lesionkit.manifest import MANIFEST
 
@@ -63,6 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fetch-retries", type=int, default=5, help="retries of a dropped connection to remote shards"
     )
     parser.add_argument(
+        "--explain-errors",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add Grad-CAM overlays and a contact sheet of the N most confident mistakes of each class "
+        "(errors/ in the output folder)",
+    )
+    parser.add_argument(
         "--wandb",
         action="store_true",
         help="also log the metrics and plots to W&B: into the training run of the checkpoint "
@@ -73,8 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
-    if args.batch_size < 1 or args.workers < 0 or args.bootstrap < 0:
-        raise UsageError("--batch-size must be >= 1, --workers and --bootstrap >= 0")
+    if args.batch_size < 1 or args.workers < 0 or args.bootstrap < 0 or args.explain_errors < 0:
+        raise UsageError("--batch-size must be >= 1, --workers, --bootstrap and --explain-errors >= 0")
     if args.temperature is not None and args.temperature <= 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     accelerator = Accelerator()
@@ -143,6 +159,29 @@ def run(args: argparse.Namespace) -> int:
             "world_size": accelerator.num_processes,
         }
     )
+
+    def explain_errors(folder: Path) -> None:
+        from lesionkit import api
+        from lesionkit.evaluate import images_of
+        from lesionkit.explain import most_confident_errors, write_explanations
+
+        picked = most_confident_errors(labels, probs, args.explain_errors)
+        if not picked:
+            return
+        chosen = [keys[i] for i in picked]
+        folds = None if args.fold is None else [args.fold]
+        images = images_of(args.data, chosen, info["image_size"], folds, fetch)
+        write_explanations(
+            api.load(args.checkpoint, accelerator.device, temperature),
+            chosen,
+            images,
+            probs[picked],
+            folder / "errors",
+            labels=labels[picked],
+            title=f"the {args.explain_errors} most confident mistakes of each class: {info['model']} on "
+            f"{sources.display_name(args.data[0])} (Grad-CAM of the predicted class)",
+        )
+
     write_report(
         out,
         m,
@@ -153,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         M.choose_thresholds(labels, probs, classes),
         args.data,
         title=f"ROC: {info['model']} on {sources.display_name(args.data[0])}",
+        extra=explain_errors if args.explain_errors else None,
     )
     if args.fit_temperature:
         write_json(
@@ -168,11 +208,25 @@ def run(args: argparse.Namespace) -> int:
             f"lesionkit evaluate: temperature {temperature:.4f} saved to "
             f"{Path(args.checkpoint) / TEMPERATURE_FILE}"
         )
+    try:  # the report is written; a read-only checkpoint folder only costs the card its new section
+        card = modelcard.add_evaluation(
+            Path(args.checkpoint),
+            evaluation_name(args.data, args.fold, args.tta),
+            {
+                **m,
+                "ece_t1": M.expected_calibration_error(labels, M.softmax_views(logits, 1.0)),
+                "thresholds": thresholds,
+                "out": str(out),
+            },
+        )
+    except OSError as exc:
+        card = f"not updated ({exc.strerror or exc}: {Path(args.checkpoint) / modelcard.CARD})"
     if args.wandb:
         log_to_wandb(Path(args.checkpoint), info, f"eval/{sources.display_name(args.data[0])}", m, out)
     print(summary_table(m, classes, task))
     print(
         f"lesionkit evaluate: {len(keys)} images, tta={args.tta}, {accelerator.num_processes} process(es) "
-        f"-> {out}/ (metrics.json, predictions.csv, roc.png, confusion.png, reliability.png)"
+        f"-> {out}/ (metrics.json, predictions.csv, roc.png, confusion.png, reliability.png); "
+        f"model card {card}"
     )
     return 0

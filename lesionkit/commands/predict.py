@@ -1,4 +1,5 @@
-"""`lesionkit predict`: probabilities for a folder of raw images or packed shards -> a submission CSV.
+"""`lesionkit predict`: probabilities for raw images (folders or files) or packed shards -> a submission
+CSV, through the Python API (`lesionkit.api`), so the command and `lesionkit.load(...).predict` agree.
 
 Formats (default: the format of the checkpoint's task):
 - `isic2017`: ISIC 2017 Part 3, `image_id,melanoma,seborrheic_keratosis`, one row per image, sorted by id.
@@ -22,15 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lesionkit import tasks
+from lesionkit import api, tasks
 from lesionkit.atomic import write_text
 from lesionkit.config import TTA_MODES
 from lesionkit.data import eval_loader
 from lesionkit.errors import UsageError
-from lesionkit.evaluate import task_of
-from lesionkit.inference import build_preprocess, check_classes, load_checkpoint, predict_probs
+from lesionkit.inference import check_classes
 from lesionkit.manifest import dataset_info
-from lesionkit.predict import image_batches, list_images
 
 # format -> the task whose submission layout it is (`isic-scoring`: an image column, one column per class)
 FORMATS = {name: name for name in tasks.TASKS if name != "custom"} | {"isic-scoring": "custom"}
@@ -39,7 +38,12 @@ FORMATS = {name: name for name in tasks.TASKS if name != "custom"} | {"isic-scor
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/NAME/best")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", metavar="DIR", help="folder of raw .jpg/.jpeg/.png images (any size)")
+    src.add_argument(
+        "--images",
+        nargs="+",
+        metavar="PATH",
+        help="raw .jpg/.jpeg/.png images (any size): folder(s) and/or image files",
+    )
     src.add_argument("--data", nargs="+", metavar="DIR", help="shard folder(s) written by `lesionkit pack`")
     parser.add_argument("--out", required=True, help="submission CSV to write")
     parser.add_argument(
@@ -71,21 +75,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be >= 1 and --workers >= 0")
     if args.temperature is not None and args.temperature <= 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    device = torch.device(args.device)
-    model, info, temperature = load_checkpoint(args.checkpoint, device)
-    temperature = args.temperature or temperature
-    classes, task = list(info["classes"]), task_of(info)
-    fmt = args.format or next((f for f, name in FORMATS.items() if name == task.name), "isic-scoring")
+    model = api.load(args.checkpoint, args.device, args.temperature)
+    info, classes = model.info, model.classes
+    fmt = args.format or next((f for f, name in FORMATS.items() if name == model.task.name), "isic-scoring")
     layout = tasks.get_task(FORMATS[fmt])
     if args.data:
         data_classes, _, num_samples = dataset_info(args.data)
         check_classes(info, data_classes, args.checkpoint, " ".join(args.data))
     layout.submission_frame([], np.zeros((0, len(classes))), classes)  # format check before any work
-    errors: list[str] = []
     if args.images:
-        batches = image_batches(
-            list_images(Path(args.images)), info["image_size"], args.batch_size, args.workers, errors
-        )
+        _, items = api.image_items(args.images)
+        keys, probs = model.predict_items(items, args.tta, args.batch_size, args.workers)
+        labels = None
     else:
         batches = eval_loader(
             args.data,
@@ -95,16 +96,7 @@ def run(args: argparse.Namespace) -> int:
             rank=0,
             world_size=1,
         )
-    keys, labels, probs = predict_probs(
-        model, batches, device, build_preprocess(info, device), args.tta, temperature
-    )
-    if errors:
-        shown = "\n  ".join(errors[:10]) + (
-            f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        )
-        raise UsageError(
-            f"{len(errors)} file(s) in {args.images} are not readable images; nothing written:\n  {shown}"
-        )
+        keys, labels, probs = model.predict_batches(batches, args.tta)
     if args.data and len(keys) != num_samples:
         raise UsageError(f"scored {len(keys)} samples but the manifests list {num_samples}")
     if not keys:
