@@ -74,13 +74,7 @@ def record_training(ckpt: Path, cfg, task, classes, metrics: dict, val_y=None, v
     if val_y is not None and len(val_y):
         ci = task.bootstrap_ci(val_y, val_p, classes, n=CARD_BOOTSTRAP, seed=0)
     facts = {
-        "training": {
-            "train": dataset_facts(cfg.train),
-            "val": dataset_facts(cfg.val),
-            "fold": cfg.fold,
-            "recipe": {k: getattr(cfg, k) for k in RECIPE_FIELDS if getattr(cfg, k, "") != ""},
-            "lesionkit_version": __version__,
-        },
+        "training": _training_facts(cfg),
         "validation": {"metrics": _plain(metrics), "ci": ci},
         "evaluations": {},
     }
@@ -88,9 +82,32 @@ def record_training(ckpt: Path, cfg, task, classes, metrics: dict, val_y=None, v
     render(ckpt)
 
 
+def _training_facts(cfg) -> dict:
+    return {
+        "train": dataset_facts(cfg.train),
+        "val": dataset_facts(cfg.val),
+        "fold": cfg.fold,
+        "recipe": {k: getattr(cfg, k) for k in RECIPE_FIELDS if getattr(cfg, k, "") != ""},
+        "lesionkit_version": __version__,
+    }
+
+
+def _backfilled(ckpt: Path) -> dict:
+    """A checkpoint saved before model cards existed: its training facts from the `config.yaml` and
+    `info.json` it does have (validation metrics without CIs; the run's predictions are not kept)."""
+    from lesionkit.config import load_config
+
+    facts = read_facts(ckpt)
+    if "training" not in facts and (ckpt / "config.yaml").is_file():
+        facts["training"] = _training_facts(load_config(ckpt / "config.yaml"))
+        metrics = json.loads((ckpt / "info.json").read_text()).get("metrics") or {}
+        facts.setdefault("validation", {"metrics": _plain(metrics), "ci": None})
+    return facts
+
+
 def add_evaluation(ckpt: Path, key: str, entry: dict) -> Path:
     """`evaluate`'s test metrics into the card (the same data, fold and TTA replace their earlier row)."""
-    facts = read_facts(ckpt)
+    facts = _backfilled(Path(ckpt))
     facts.setdefault("evaluations", {})[key] = _plain(entry)
     write_json(Path(ckpt) / FACTS, facts)
     return render(ckpt)
@@ -200,8 +217,12 @@ def render(ckpt: Path) -> Path:
         n_boot = (ci or {}).get("n_boot")
         lines += [
             f"On the validation data above at epoch {info.get('epoch', '–')} ({m.get('n')} images, "
-            f"TTA `{recipe.get('val_tta', 'none')}`, temperature 1); 95% CIs from {n_boot} bootstrap "
-            "resamples of the images.",
+            f"TTA `{recipe.get('val_tta', 'none')}`, temperature 1); "
+            + (
+                f"95% CIs from {n_boot} bootstrap resamples of the images."
+                if n_boot
+                else "no CIs (the checkpoint predates model cards; `evaluate` on the same data gives them)."
+            ),
             "",
             *_metrics_table(m, ci, classes),
             "",

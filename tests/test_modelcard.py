@@ -162,3 +162,27 @@ def test_a_card_that_cannot_be_written_does_not_fail_the_evaluation(run, tmp_pat
         f"model card not updated (Read-only file system: {out / 'best' / 'MODEL_CARD.md'})"
         in capsys.readouterr().out
     )
+
+
+def test_a_checkpoint_from_before_model_cards_gets_its_facts_from_its_config(run, tmp_path):
+    fx, out = run
+    old = tmp_path / "old"
+    shutil.copytree((out / "last").resolve(), old)
+    (old / "card.json").unlink()
+    (old / "MODEL_CARD.md").unlink()
+    argv = [
+        "--checkpoint",
+        str(old),
+        "--data",
+        str(fx["val"]),
+        "--out",
+        str(tmp_path / "e"),
+        "--workers",
+        "0",
+    ]
+    assert run_command("evaluate", argv) == 0
+    card, m = (old / "MODEL_CARD.md").read_text(), json.loads((old / "info.json").read_text())["metrics"]
+    assert f"`{fx['test']}`: 24 images" in card and "not recorded" not in card
+    assert "- lr: `0.001`" in card and "- epochs: `2`" in card
+    assert f"isic2017_score **{m['isic2017_score']:.3f}**" in card and "### val" in card
+    assert "no CIs (the checkpoint predates model cards" in card
