@@ -2,11 +2,11 @@
 refactor into `build()` / `train_one_epoch()` / `Reporter` (issue 13) and must never change by accident.
 
 The bits depend on the CPU kernels torch picks (oneDNN/MKL take other code paths with AVX-512), so the
-digest is recorded per (torch version, ATen CPU capability), one thread: AVX2 on the first sessions' machines
-(no AVX-512), AVX512 on a Sapphire Rapids one,
-where the pre-refactor commit ecbcdf0 gives that same digest. On a machine not in the table the test still asserts that two
-runs with the same seed agree bit for bit, and prints the digest to record. A deliberate change of what a run
-computes (a new seed scheme, another default) updates every entry in the same commit, saying why.
+digest is recorded per (torch version, ATen CPU capability), one thread: AVX2 on the first sessions'
+machines (no AVX-512); AVX512 on a Sapphire Rapids one, where the pre-refactor commit ecbcdf0 gives that
+same digest. On a machine not in the table the test still asserts that two runs with the same seed agree
+bit for bit, and prints the digest to record. A deliberate change of what a run computes (a new seed
+scheme, another default) updates every entry in the same commit, saying why.
 """
 
 from __future__ import annotations
