@@ -1,11 +1,14 @@
 """`lesionkit bench loader`: images/s of the shard stream vs the seed's per-file PIL Dataset on the same
 images (and the same stream with its tars parsed by wds.WebDataset: why data.py has its own reader; and
 streamed over HTTP from a server on loopback, served from this process). Also the CPU cost of read +
-decode + collate per image (one process, no workers) and the loader cores a GPU's step rate would need."""
+decode + collate per image (one process, no workers), the decode limit (PIL's and torchvision's JPEG
+decoders alone on the same bytes, one core) and the loader cores a GPU's step rate would need."""
 
 from __future__ import annotations
 
+import io
 import sys
+import tarfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,6 +77,36 @@ def _count_images(loader, epochs: int) -> int:
     return n
 
 
+def _jpegs(folder: Path, manifest: dict) -> list[bytes]:
+    """Every encoded image of a local shard folder, in memory: the decode-limit cases time the decoder
+    alone on the very bytes the stream decodes."""
+    blobs = []
+    for shard in manifest["shards"]:
+        with tarfile.open(folder / shard["name"]) as tar:
+            blobs += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+    return blobs
+
+
+def _decode_pil(blobs: list[bytes]) -> int:
+    for blob in blobs:
+        with Image.open(io.BytesIO(blob)) as im:
+            np.asarray(im.convert("RGB"))
+    return len(blobs)
+
+
+def _decode_torchvision(blobs: list[bytes]) -> int:
+    from torchvision.io import decode_jpeg
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for blob in blobs:
+            decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+    finally:
+        torch.set_num_threads(threads)
+    return len(blobs)
+
+
 def _shard_ids(manifest: dict) -> set[str]:
     """Ids in the shards, from the manifest's sources minus what pack skipped (no need to read the tars)."""
     table, _ = read_labels(manifest["sources"]["labels"])
@@ -130,7 +163,11 @@ def bench(args) -> int:
             "shards, no workers": measure(lambda: shards(workers=0), args.repeats),
             "files (seed)": measure(files, args.repeats),
         }
+    blobs = _jpegs(folder, manifest)
+    cases["decode only, PIL (1 core)"] = measure(lambda: _decode_pil(blobs), args.repeats)
+    cases["decode only, torchvision (1 core)"] = measure(lambda: _decode_torchvision(blobs), args.repeats)
     per_image = cases["shards, no workers"]["cpu_ms_per_item"]  # read + decode + collate, nothing else
+    limit = {k: cases[f"decode only, {k} (1 core)"]["cpu_ms_per_item"] for k in ("PIL", "torchvision")}
     cores = args.gpu_rate * per_image / 1e3
     params = {
         "dir": str(args.dir),
@@ -144,12 +181,16 @@ def bench(args) -> int:
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
         "decode_collate_cpu_ms_per_image": per_image,
+        "decode_limit_cpu_ms_per_image": limit,
         "gpu_rate": args.gpu_rate,
         "loader_cores_needed": round(cores, 1),
     }
     print(
         f"read + decode + collate: {per_image:.2f} CPU ms per image at {size} px; a GPU training at "
-        f"{args.gpu_rate:,.0f} images/s needs {cores:.1f} loader cores"
+        f"{args.gpu_rate:,.0f} images/s needs {cores:.1f} loader cores\n"
+        f"decode limit on the same bytes, one core: PIL {limit['PIL']:.2f} ms, torchvision "
+        f"{limit['torchvision']:.2f} ms per image; the stream costs {per_image / limit['torchvision']:.2f}x "
+        "the torchvision decode"
     )
     report("loader", cases, "files (seed)", params, args.out)
     return 0

@@ -319,8 +319,15 @@ def test_bench_loader_prints_shards_next_to_the_per_file_baseline(isic_val, tmp_
         "shards, wds tar reader",
         "shards, no workers",
         "files (seed)",
+        "decode only, PIL (1 core)",
+        "decode only, torchvision (1 core)",
     }
     assert record["cases"]["shards over HTTP (loopback)"]["items"] == 150
+    # the decode limit: every image of the shards decoded once per repeat, its CPU ms beside the stream's
+    limit = record["params"]["decode_limit_cpu_ms_per_image"]
+    for k in ("PIL", "torchvision"):
+        assert record["cases"][f"decode only, {k} (1 core)"]["items"] == 150
+        assert limit[k] == record["cases"][f"decode only, {k} (1 core)"]["cpu_ms_per_item"] > 0
     params = record["params"]  # the CPU cost of decode + collate and the cores a GPU's rate would need
     assert (
         params["decode_collate_cpu_ms_per_image"]
@@ -330,6 +337,7 @@ def test_bench_loader_prints_shards_next_to_the_per_file_baseline(isic_val, tmp_
     assert params["loader_cores_needed"] == round(8000 * params["decode_collate_cpu_ms_per_image"] / 1e3, 1)
     assert record["cases"]["files (seed)"]["ratio"] == 1.0
     assert record["cases"]["shards"]["items"] == 150 and record["cases"]["files (seed)"]["items"] == 150
-    assert "files (seed)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "files (seed)" in printed and "decode limit on the same bytes, one core: PIL" in printed
     assert main(["bench", "loader", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
