@@ -94,16 +94,24 @@ def _decode_pil(blobs: list[bytes]) -> int:
     return len(blobs)
 
 
-def _decode_torchvision(blobs: list[bytes]) -> int:
-    from torchvision.io import decode_jpeg
-
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """One torch thread: the per-image CPU cost of one core. With 2 threads on a machine that is busy
+    elsewhere, OpenMP's spinning waits inflated the same no-workers case from 0.58 to 4.5 CPU ms/image."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for blob in blobs:
-            decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _decode_torchvision(blobs: list[bytes]) -> int:
+    from torchvision.io import decode_jpeg
+
+    with _one_thread():
+        for blob in blobs:
+            decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
     return len(blobs)
 
 
@@ -141,6 +149,10 @@ def bench(args) -> int:
             loader.stream.read = read
         return _count_images(loader, args.epochs)
 
+    def shards_one_thread() -> int:
+        with _one_thread():
+            return shards(workers=0)
+
     def files() -> int:
         dataset = _PilFiles(list(table["path"]), list(table["label"]), size)
         loader = torch.utils.data.DataLoader(
@@ -160,13 +172,15 @@ def bench(args) -> int:
             "shards": measure(shards, args.repeats),
             "shards over HTTP (loopback)": measure(lambda: shards(location=url), args.repeats),
             "shards, wds tar reader": measure(lambda: shards(read_with_webdataset), args.repeats),
-            "shards, no workers": measure(lambda: shards(workers=0), args.repeats),
+            "shards, no workers, 1 thread": measure(lambda: shards_one_thread(), args.repeats),
             "files (seed)": measure(files, args.repeats),
         }
     blobs = _jpegs(folder, manifest)
     cases["decode only, PIL (1 core)"] = measure(lambda: _decode_pil(blobs), args.repeats)
     cases["decode only, torchvision (1 core)"] = measure(lambda: _decode_torchvision(blobs), args.repeats)
-    per_image = cases["shards, no workers"]["cpu_ms_per_item"]  # read + decode + collate, nothing else
+    per_image = cases["shards, no workers, 1 thread"][
+        "cpu_ms_per_item"
+    ]  # read + decode + collate, nothing else
     limit = {k: cases[f"decode only, {k} (1 core)"]["cpu_ms_per_item"] for k in ("PIL", "torchvision")}
     cores = args.gpu_rate * per_image / 1e3
     params = {

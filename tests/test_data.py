@@ -317,7 +317,7 @@ def test_bench_loader_prints_shards_next_to_the_per_file_baseline(isic_val, tmp_
         "shards",
         "shards over HTTP (loopback)",
         "shards, wds tar reader",
-        "shards, no workers",
+        "shards, no workers, 1 thread",
         "files (seed)",
         "decode only, PIL (1 core)",
         "decode only, torchvision (1 core)",
@@ -331,7 +331,7 @@ def test_bench_loader_prints_shards_next_to_the_per_file_baseline(isic_val, tmp_
     params = record["params"]  # the CPU cost of decode + collate and the cores a GPU's rate would need
     assert (
         params["decode_collate_cpu_ms_per_image"]
-        == record["cases"]["shards, no workers"]["cpu_ms_per_item"]
+        == record["cases"]["shards, no workers, 1 thread"]["cpu_ms_per_item"]
         > 0
     )
     assert params["loader_cores_needed"] == round(8000 * params["decode_collate_cpu_ms_per_image"] / 1e3, 1)
