@@ -3,7 +3,8 @@ version: build beside the target, flush it to disk, then rename into place (and 
 so neither a crash nor a power cut leaves a name pointing at half-written bytes.
 
 Every command that writes results goes through here: `write_bytes` / `write_text` / `write_json` for
-files, `staged_dir` for a folder (shards, evaluation reports, synthetic datasets).
+files, `replacing` for a file a library writes by path, `staged_dir` for a folder (shards, evaluation
+reports, synthetic datasets).
 """
 
 from __future__ import annotations
@@ -37,22 +38,28 @@ def fsync_tree(root: str | Path) -> None:
 
 
 @contextmanager
-def writing(path: str | Path) -> Iterator[BinaryIO]:
-    """`with writing(path) as f:` write `f`; on success it is flushed and renamed to `path`, on any error
-    (a check of the bytes written, say) the temp file is removed and `path` is untouched. For files too
-    big to hold in memory (downloaded shards)."""
+def replacing(path: str | Path) -> Iterator[Path]:
+    """`with replacing(path) as tmp:` have a library write the file `tmp` (an ONNX or TorchScript export);
+    on success it is flushed and renamed to `path`, on any error (a failed check of what was written) it is
+    removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # several writers may race
     try:
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync(path.parent)
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[BinaryIO]:
+    """`with writing(path) as f:` write `f`, with `replacing`'s guarantees. For files too big to hold in
+    memory (downloaded shards)."""
+    with replacing(path) as tmp, open(tmp, "xb") as f:
+        yield f
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

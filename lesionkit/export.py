@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from lesionkit import __version__
-from lesionkit.atomic import fsync, write_json
+from lesionkit.atomic import replacing, write_json
 from lesionkit.errors import RunError, UsageError
 
 FORMATS = ("onnx", "torchscript")
@@ -103,11 +102,7 @@ def export(checkpoint, fmt: str, out, images=None, n: int = 16, tol: float = TOL
         graph = Probabilities(model.module, model.temperature).eval()
         reference = graph(x).numpy()
     example = torch.cat([x] * 3)[: 3 if len(x) == 2 else 2]  # traced at another batch size than checked
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with replacing(out) as tmp:
         got = (_onnx if fmt == "onnx" else _torchscript)(graph, example, x, tmp)
         diff = float(np.abs(got - reference).max())
         if not np.isfinite(diff) or diff > tol:
@@ -149,10 +144,6 @@ def export(checkpoint, fmt: str, out, images=None, n: int = 16, tol: float = TOL
             "temperature": model.temperature,
             "parity": {"images": source, "n": len(x), "max_abs_diff": diff, "tolerance": tol},
         }
-        fsync(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     write_json(sidecar_path(out), facts)
     return facts
 
