@@ -94,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature is not None and args.temperature <= 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     accelerator = Accelerator()
+    try:
+        return _evaluate(args, accelerator)
+    finally:  # every rank leaves the process group: exiting with it alive can abort in c10d's teardown
+        accelerator.end_training()
+
+
+def _evaluate(args: argparse.Namespace, accelerator) -> int:
     model, info, temperature = load_checkpoint(args.checkpoint, accelerator.device)
     temperature = args.temperature or temperature
     classes, task = list(info["classes"]), task_of(info)

@@ -59,3 +59,4 @@ result = {
 }
 (out / f"rank{rank}.json").write_text(json.dumps(result))
 accelerator.wait_for_everyone()
+accelerator.end_training()  # leave the process group before exit

@@ -24,3 +24,4 @@ info = {
     "host": socket.gethostname(),
 }
 (out / f"world-{acc.process_index}.json").write_text(json.dumps(info))
+acc.end_training()  # leave the process group: exiting with it alive can abort ("terminate called ...")
