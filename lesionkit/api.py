@@ -43,9 +43,9 @@ class Model:
         """(keys, labels, probs [N, C]) for an iterable of `data.Batch` (shards or raw images)."""
         return predict_probs(self.module, batches, self.device, self.preprocess, tta, self.temperature)
 
-    def predict_items(self, items: list[tuple[str, object]], tta="none", batch_size=32, workers=0):
-        """(keys, probs [N, C]) of (id, path or file object) items; every unreadable file is named in one
-        UsageError before any result is returned."""
+    def read(self, items: list[tuple[str, object]], batch_size=32, workers=0):
+        """Decoded `Batch`es of (id, path or file object) items, streamed; after the last one, every
+        unreadable file is named in one UsageError, so no result is used when any file is bad."""
         from lesionkit.predict import image_batches
 
         if not items:
@@ -53,14 +53,16 @@ class Model:
         if batch_size < 1 or workers < 0:
             raise UsageError("batch size must be >= 1 and workers >= 0")
         errors: list[str] = []
-        keys, _, probs = self.predict_batches(
-            image_batches(items, self.image_size, batch_size, workers, errors), tta
-        )
+        yield from image_batches(items, self.image_size, batch_size, workers, errors)
         if errors:
             shown = "\n  ".join(errors[:10]) + (
                 f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
             )
             raise UsageError(f"{len(errors)} file(s) are not readable images; nothing predicted:\n  {shown}")
+
+    def predict_items(self, items: list[tuple[str, object]], tta="none", batch_size=32, workers=0):
+        """(keys, probs [N, C]) of (id, path or file object) items (see `read`)."""
+        keys, _, probs = self.predict_batches(self.read(items, batch_size, workers), tta)
         return keys, probs
 
     def predict(self, images, metadata=None, tta: str = "none", batch_size: int = 32):

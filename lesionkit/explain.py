@@ -127,7 +127,6 @@ def explain(checkpoint, images, out, classes=(), force: bool = False, device="cp
     """`lesionkit explain`: Grad-CAM overlays, a contact sheet and explanations.csv for image files or
     folders, written as one new folder `out` (an existing one is kept unless `force`)."""
     from lesionkit import api
-    from lesionkit.predict import load_image
 
     out = Path(out)
     if out.exists() and not force:
@@ -137,14 +136,11 @@ def explain(checkpoint, images, out, classes=(), force: bool = False, device="cp
     if unknown:
         raise UsageError(f"--classes {unknown}: not classes of {checkpoint} ({', '.join(model.classes)})")
     _, items = api.image_items(images)
-    keys, probs = model.predict_items(items)  # the API's probabilities; names every unreadable file
-    for _, source in items:
-        if hasattr(source, "seek"):  # an in-memory image, read once already
-            source.seek(0)
-    tensors = [load_image(source, model.image_size) for _, source in items]
+    batches = list(model.read(items, CAM_BATCH))  # decoded once, for the probabilities and the maps
+    keys, _, probs = model.predict_batches(batches)
     extra = [model.classes.index(c) for c in classes]
     with staged_dir(out) as tmp:
-        write_explanations(model, keys, torch.stack(tensors), probs, tmp, extra)
+        write_explanations(model, keys, torch.cat([b.images for b in batches]), probs, tmp, extra)
     return out
 
 

@@ -52,19 +52,11 @@ def parity_images(model, images=None, n: int = 16) -> tuple[torch.Tensor, str]:
     checkpoint's own validation shards (`val` in its config.yaml)."""
     from lesionkit import api
     from lesionkit.config import load_config
-    from lesionkit.predict import UNREADABLE, load_image
 
     if images:
         _, items = api.image_items(images)
-        out = []
-        for key, source in items[:n]:
-            try:
-                out.append(load_image(source, model.image_size))
-            except UNREADABLE as exc:
-                raise UsageError(f"parity image {key}: not a readable image ({exc})") from None
-        if not out:
-            raise UsageError("no parity images")
-        return torch.stack(out), f"{len(out)} image(s) from {' '.join(map(str, images))}"
+        u8 = torch.cat([b.images for b in model.read(items[:n], batch_size=n)])  # names unreadable files
+        return u8, f"{len(u8)} image(s) from {' '.join(map(str, images))}"
     val = load_config(model.checkpoint / "config.yaml").val
     if not val or not all(Path(v).is_dir() for v in val):
         raise UsageError(
