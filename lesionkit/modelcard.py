@@ -68,13 +68,14 @@ def read_facts(ckpt: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def record_training(ckpt: Path, cfg, task, classes, metrics: dict, val_y=None, val_p=None) -> None:
-    """The trainer's facts at a save (main process, into the staging folder before publish)."""
+def record_training(ckpt: Path, training: dict, task, classes, metrics: dict, val_y=None, val_p=None) -> None:
+    """The trainer's facts at a save (main process, into the staging folder before publish); `training`
+    is `training_facts(cfg)`, read once per run."""
     ci = None
     if val_y is not None and len(val_y):
         ci = task.bootstrap_ci(val_y, val_p, classes, n=CARD_BOOTSTRAP, seed=0)
     facts = {
-        "training": _training_facts(cfg),
+        "training": training,
         "validation": {"metrics": _plain(metrics), "ci": ci},
         "evaluations": {},
     }
@@ -82,7 +83,8 @@ def record_training(ckpt: Path, cfg, task, classes, metrics: dict, val_y=None, v
     render(ckpt)
 
 
-def _training_facts(cfg) -> dict:
+def training_facts(cfg) -> dict:
+    """The run's data (its manifests, which may be remote) and recipe."""
     return {
         "train": dataset_facts(cfg.train),
         "val": dataset_facts(cfg.val),
@@ -99,7 +101,7 @@ def _backfilled(ckpt: Path) -> dict:
 
     facts = read_facts(ckpt)
     if "training" not in facts and (ckpt / "config.yaml").is_file():
-        facts["training"] = _training_facts(load_config(ckpt / "config.yaml"))
+        facts["training"] = training_facts(load_config(ckpt / "config.yaml"))
         metrics = json.loads((ckpt / "info.json").read_text()).get("metrics") or {}
         facts.setdefault("validation", {"metrics": _plain(metrics), "ci": None})
     return facts

@@ -78,6 +78,7 @@ class Reporter:
         self.columns = [*FIXED_COLUMNS, *columns, *RUN_COLUMNS]
         self.wandb = None  # the live W&B run (main process, W&B on)
         self.defined: set[str] = set()  # validation metrics declared to W&B in this process
+        self._training_facts: dict | None = None  # the model card's data and recipe, read at the first save
 
     def print(self, message: str) -> None:
         if self.main:
@@ -209,7 +210,9 @@ class Reporter:
     def model_card(self, folder: Path, task, classes, metrics: dict, val_y=None, val_p=None) -> None:
         """MODEL_CARD.md (and its facts, card.json) into a checkpoint folder before it is published."""
         if self.main:
-            modelcard.record_training(folder, self.cfg, task, classes, metrics, val_y, val_p)
+            if self._training_facts is None:  # the manifests are read once per run, not at every save
+                self._training_facts = modelcard.training_facts(self.cfg)
+            modelcard.record_training(folder, self._training_facts, task, classes, metrics, val_y, val_p)
 
     def saved(self, state, metrics: dict, best: bool) -> None:
         """After an epoch's checkpoint is published: `--wandb-log-model` uploads it (best: each new best;
