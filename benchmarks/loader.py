@@ -107,11 +107,11 @@ def _one_thread() -> Iterator[None]:
 
 
 def _decode_torchvision(blobs: list[bytes]) -> int:
-    from torchvision.io import decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
 
     with _one_thread():
-        for blob in blobs:
-            decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+        for blob in blobs:  # as the stream decodes (`data._decode`)
+            decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB)
     return len(blobs)
 
 
