@@ -20,7 +20,7 @@ from lesionkit.evaluate import (
     task_of,
     write_report,
 )
-from lesionkit.inference import TEMPERATURE_FILE, build_preprocess, load_checkpoint
+from lesionkit.inference import TEMPERATURE_FILE
 from lesionkit.manifest import MANIFEST
 
 
@@ -101,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, accelerator) -> int:
-    model, info, temperature = load_checkpoint(args.checkpoint, accelerator.device)
-    temperature = args.temperature or temperature
+    from lesionkit import api
+
+    loaded = api.load(args.checkpoint, accelerator.device, args.temperature)  # also what explains errors
+    model, info, temperature, preprocess = loaded.module, loaded.info, loaded.temperature, loaded.preprocess
     classes, task = list(info["classes"]), task_of(info)
     out = (
         Path(args.out)
@@ -110,7 +112,6 @@ def _evaluate(args: argparse.Namespace, accelerator) -> int:
         else Path(args.checkpoint).parent / f"eval-{sources.display_name(args.data[0])}"
     )
     fetch = sources.Fetch(cache_dir=args.cache_dir, retries=args.fetch_retries)
-    preprocess = build_preprocess(info, accelerator.device)
 
     def scored(dirs, folds=None):
         return score(
@@ -168,7 +169,6 @@ def _evaluate(args: argparse.Namespace, accelerator) -> int:
     )
 
     def explain_errors(folder: Path) -> None:
-        from lesionkit import api
         from lesionkit.evaluate import images_of
         from lesionkit.explain import most_confident_errors, write_explanations
 
@@ -179,7 +179,7 @@ def _evaluate(args: argparse.Namespace, accelerator) -> int:
         folds = None if args.fold is None else [args.fold]
         images = images_of(args.data, chosen, info["image_size"], folds, fetch)
         write_explanations(
-            api.load(args.checkpoint, accelerator.device, temperature),
+            loaded,
             chosen,
             images,
             probs[picked],
