@@ -201,9 +201,8 @@ def log_checkpoint(run, ckpt: Path, aliases: list[str], metadata: dict) -> None:
     artifact = wandb.Artifact(
         f"model-{run.id}", type="model", metadata={k: v for k, v in metadata.items() if _finite(v)}
     )
-    for name in ("model.pt", "config.yaml", "info.json", "MODEL_CARD.md", "card.json"):
-        if name in ("model.pt", "config.yaml", "info.json") or (Path(ckpt) / name).is_file():
-            artifact.add_file(str(Path(ckpt) / name), name=name)
+    for name in ("model.pt", "config.yaml", "info.json", "MODEL_CARD.md", "card.json"):  # all in every save
+        artifact.add_file(str(Path(ckpt) / name), name=name)
     run.log_artifact(artifact, aliases=aliases)
 
 
