@@ -42,6 +42,12 @@ def add_arguments(parser) -> None:
         default=8000,
         help="images/s a GPU trains at: prints the loader cores it needs (default: 8000, an H100's resnet18)",
     )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where the decode-on-device case decodes (default: cuda when available)",
+    )
     _add_common(p)
 
     p = sub.add_parser(

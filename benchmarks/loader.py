@@ -2,7 +2,9 @@
 images (and the same stream with its tars parsed by wds.WebDataset: why data.py has its own reader; and
 streamed over HTTP from a server on loopback, served from this process). Also the CPU cost of read +
 decode + collate per image (one process, no workers), the decode limit (PIL's and torchvision's JPEG
-decoders alone on the same bytes, one core) and the loader cores a GPU's step rate would need."""
+decoders alone on the same bytes, one core) and the loader cores a GPU's step rate would need; and the
+stream with `decode="device"` (workers read bytes, the batch is decoded on `--device`), with the largest
+pixel difference between that decode and the workers' on the same samples."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from PIL import Image
 
 from benchmarks.harness import measure, report
-from lesionkit.data import read_with_webdataset, train_loader
+from lesionkit.data import eval_loader, pixels, read_with_webdataset, train_loader
 from lesionkit.errors import UsageError
 from lesionkit.ingest import collect, read_labels
 from lesionkit.manifest import read_manifest
@@ -69,12 +71,25 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def _count_images(loader, epochs: int) -> int:
+def _count_images(loader, epochs: int, device: torch.device | None = None) -> int:
+    """Images of `epochs` passes; with `device`, each batch is first made pixels there (`data.pixels`)."""
     n = 0
     for _ in range(epochs):
         for batch in loader:
-            n += len(batch[0])
+            n += len(batch[0] if device is None else pixels(batch, device))
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     return n
+
+
+def _device_decode_difference(location, size: int, device: torch.device) -> int:
+    """Largest absolute pixel difference between the decode on `device` and the workers' decode of the same
+    samples (the first 64 in shard order): 0 on the CPU, JPEG tolerance with nvJPEG."""
+    kw = {"image_size": size, "batch_size": 64, "workers": 0, "rank": 0, "world_size": 1}
+    ours = next(iter(eval_loader(location, **kw)))
+    theirs = next(iter(eval_loader(location, decode="device", **kw)))
+    assert ours.keys == theirs.keys
+    return int((pixels(theirs, device).cpu().int() - ours.images.int()).abs().max())
 
 
 def _jpegs(folder: Path, manifest: dict) -> list[bytes]:
@@ -134,7 +149,9 @@ def bench(args) -> int:
             f"but only {len(table)} of them are in {images} + {labels}"
         )
 
-    def shards(read=None, location=args.dir, workers=args.workers) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def shards(read=None, location=args.dir, workers=args.workers, decode="workers") -> int:
         loader = train_loader(
             location,
             image_size=size,
@@ -144,10 +161,11 @@ def bench(args) -> int:
             epoch=0,
             rank=0,
             world_size=1,
+            decode=decode,
         )
         if read is not None:  # same stream, tars parsed by wds.WebDataset: why data.py has its own reader
             loader.stream.read = read
-        return _count_images(loader, args.epochs)
+        return _count_images(loader, args.epochs, device if decode == "device" else None)
 
     def shards_one_thread() -> int:
         with _one_thread():
@@ -173,6 +191,7 @@ def bench(args) -> int:
             "shards over HTTP (loopback)": measure(lambda: shards(location=url), args.repeats),
             "shards, wds tar reader": measure(lambda: shards(read_with_webdataset), args.repeats),
             "shards, no workers, 1 thread": measure(lambda: shards_one_thread(), args.repeats),
+            f"shards, decode on {device.type}": measure(lambda: shards(decode="device"), args.repeats),
             "files (seed)": measure(files, args.repeats),
         }
     blobs = _jpegs(folder, manifest)
@@ -198,13 +217,17 @@ def bench(args) -> int:
         "decode_limit_cpu_ms_per_image": limit,
         "gpu_rate": args.gpu_rate,
         "loader_cores_needed": round(cores, 1),
+        "decode_device": str(device),
+        "device_decode_max_abs_diff": _device_decode_difference(args.dir, size, device),
     }
     print(
         f"read + decode + collate: {per_image:.2f} CPU ms per image at {size} px; a GPU training at "
         f"{args.gpu_rate:,.0f} images/s needs {cores:.1f} loader cores\n"
         f"decode limit on the same bytes, one core: PIL {limit['PIL']:.2f} ms, torchvision "
         f"{limit['torchvision']:.2f} ms per image; the stream costs {per_image / limit['torchvision']:.2f}x "
-        "the torchvision decode"
+        "the torchvision decode\n"
+        f"decode on {device}: largest pixel difference to the workers' decode "
+        f"{params['device_decode_max_abs_diff']} (of 255)"
     )
     report("loader", cases, "files (seed)", params, args.out)
     return 0

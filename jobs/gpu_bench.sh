@@ -10,6 +10,8 @@
 #    the step of the same model/batch in the same run (goal: e2e >= 0.9x step, >= 8,000 images/s on an H100);
 # 5. `bench loader`: the shard stream from disk and over HTTP with the same workers, and the CPU ms per image
 #    of read + decode + collate at 224 px with the loader cores the measured e2e rate needs (issue 16);
+#    and the stream with `decode=device` (workers read bytes, nvJPEG decodes each batch on the GPU), with
+#    the largest pixel difference between nvJPEG and the CPU decode of the same images (issue 21);
 # 6. optional, LK_BENCH_COMPILE=1: `bench step` again with torch.compile rows (compiling takes minutes).
 # Every benchmark appends one JSON line (host, torch, device name, all parameters) to the same file.
 set -euo pipefail
@@ -61,7 +63,7 @@ PY
 )
 log "bench loader (GPU rate $rate images/s)"
 "$LK" bench loader "$DATA/shards" --workers "$WORKERS" --batch-size 256 --repeats 1 --gpu-rate "$rate" \
-  --out "$RESULTS" | tee "$OUT/loader.log"
+  --device cuda --out "$RESULTS" | tee "$OUT/loader.log"
 
 if [ "${LK_BENCH_COMPILE:-0}" = 1 ]; then
   log "bench step resnet18 with torch.compile"

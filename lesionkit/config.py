@@ -85,6 +85,12 @@ class TrainConfig:
         "where augmentation runs (auto: device on GPUs, loader workers on CPUs)",
         ("auto", "device", "workers"),
     )
+    decode: str = opt(
+        "workers",
+        "where JPEGs are decoded: in the loader workers (CPU), or on the training device in one batched "
+        "call (nvJPEG on a GPU; workers then only read bytes; augmentation runs on the device)",
+        ("workers", "device"),
+    )
     color_constancy: bool = opt(
         False, "Shades-of-Gray colour constancy before normalisation (also at inference)"
     )
@@ -252,6 +258,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"image_size must be within 32..2048, got {cfg.image_size}")
     if cfg.workers < 0:
         raise ConfigError(f"workers must be >= 0, got {cfg.workers}")
+    if cfg.decode == "device" and cfg.augment_placement == "workers":
+        raise ConfigError("decode=device leaves no pixels in the loader workers: use augment_placement device")
+    if cfg.decode == "device" and cfg.skip_corrupt:
+        raise ConfigError("skip_corrupt needs decode=workers (a worker replaces a sample it cannot decode)")
     if cfg.lr_batch < 0 or cfg.lr_warmup_epochs < 0 or cfg.fetch_retries < 0:
         raise ConfigError("lr_batch, lr_warmup_epochs and fetch_retries must be >= 0")
     return cfg

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
@@ -53,10 +53,78 @@ class Batch(NamedTuple):
     """What every reader yields: uint8 images [B,3,S,S], int64 labels [B], sample ids, and per-sample
     metadata features float32 [B, M] when the stream was given a `features` function (else None)."""
 
-    images: torch.Tensor
+    images: torch.Tensor | Encoded
     labels: torch.Tensor
     keys: list[str]
     meta: torch.Tensor | None = None
+
+
+class _Jpeg(NamedTuple):
+    """One sample's JPEG bytes and the origin of its size x size crop (after the resize to `size`)."""
+
+    data: torch.Tensor
+    top: int
+    left: int
+    size: int
+
+
+@dataclass
+class Encoded:
+    """A batch still in JPEG bytes, for `decode="device"`: the loader workers only walk the tars, read each
+    JPEG header and pick the crop (the same draws as a worker-side decode), and `pixels` decodes the batch
+    on the training device (nvJPEG on a GPU), so the loader's CPU cost per image drops to the tar walk."""
+
+    data: torch.Tensor  # uint8 [total bytes]: the batch's JPEG files back to back
+    offsets: torch.Tensor  # int64 [B + 1]: sample i is data[offsets[i]:offsets[i + 1]]
+    crops: torch.Tensor  # int64 [B, 2]: (top, left) of each crop
+    size: int
+
+    @classmethod
+    def of(cls, jpegs: Sequence[_Jpeg]) -> Encoded:
+        lengths = torch.tensor([0] + [len(j.data) for j in jpegs], dtype=torch.int64)
+        return cls(
+            torch.cat([j.data for j in jpegs]),
+            lengths.cumsum(0),
+            torch.tensor([[j.top, j.left] for j in jpegs], dtype=torch.int64),
+            jpegs[0].size,
+        )
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def pin_memory(self) -> Encoded:  # the DataLoader's pin_memory thread calls this on CUDA
+        return Encoded(self.data.pin_memory(), self.offsets, self.crops, self.size)
+
+    def blobs(self) -> list[torch.Tensor]:
+        bounds = self.offsets.tolist()
+        return [self.data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def pixels(batch: Batch, device) -> torch.Tensor:
+    """The batch's uint8 images [B, 3, S, S] on `device`, contiguous: moved there (the workers' batches are
+    channels_last, the layout their decoder writes; the transpose happens here, on the device), or, for an
+    `Encoded` batch, decoded there in one batched `decode_jpeg` call, then resized and cropped as a worker
+    would have (on the CPU the pixels equal the worker path's). An undecodable sample raises naming its id."""
+    images = batch.images
+    if isinstance(images, torch.Tensor):
+        return images.to(device, non_blocking=True).contiguous()
+    blobs = images.blobs()
+    try:
+        decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        for key, blob in zip(batch.keys, blobs):  # the batched call does not say which one: find it
+            try:
+                decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError as exc:
+                raise CorruptDataError(f"corrupt sample {key!r}: JPEG decode on {device} failed: {exc}") from exc
+        raise
+    size = images.size
+    out = torch.empty((len(decoded), 3, size, size), dtype=torch.uint8, device=decoded[0].device)
+    for i, (image, (top, left)) in enumerate(zip(decoded, images.crops.tolist())):
+        if min(image.shape[-2:]) != size:
+            image = TF.resize(image, [size], antialias=True)
+        out[i] = image[:, top : top + size, left : left + size]
+    return out
 
 
 @dataclass(frozen=True)
@@ -152,23 +220,64 @@ def _decode(
     else:
         # torchvision's libjpeg-turbo decode straight to CHW: ~1.8x PIL decode + array conversion.
         image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    h, w = image.shape[-2:]
-    if min(h, w) != size:
+    if min(image.shape[-2:]) != size:
         image = TF.resize(image, [size], antialias=True)
-        h, w = image.shape[-2:]
-    if rng is None:
-        top, left = (h - size) // 2, (w - size) // 2
-    else:
-        top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+    top, left = _crop_origin(*image.shape[-2:], size, rng)
     meta = None if features is None else features(json.loads(sample["json"]))
     return image[:, top : top + size, left : left + size], int(sample["cls"]), sample["__key__"], meta
 
 
+def _encode(
+    sample: dict,
+    size: int,
+    stored: dict[str, int],
+    rng: random.Random | None,
+    features: Callable[[dict], Sequence[float]] | None = None,
+):
+    """`_decode` for `decode="device"`: the JPEG bytes and the crop `_decode` would take (the same random
+    draws), from the header alone; the image is decoded later by `pixels`."""
+    data = sample["jpg"]
+    with Image.open(io.BytesIO(data)) as im:  # parses the header only
+        if im.format != "JPEG":
+            raise ValueError(f"not a JPEG but {im.format}")
+        w, h = im.size
+    if min(h, w) != size:  # torchvision's resize of the shorter side: the longer one is truncated
+        h, w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    top, left = _crop_origin(h, w, size, rng)
+    meta = None if features is None else features(json.loads(sample["json"]))
+    jpeg = _Jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), top, left, size)
+    return jpeg, int(sample["cls"]), sample["__key__"], meta
+
+
+def _crop_origin(h: int, w: int, size: int, rng: random.Random | None) -> tuple[int, int]:
+    """(top, left) of the square crop: random in training, centred in evaluation."""
+    if rng is None:
+        return (h - size) // 2, (w - size) // 2
+    return rng.randint(0, h - size), rng.randint(0, w - size)
+
+
+def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """uint8 [B, 3, S, S] in channels_last memory, the decoders' own HWC layout: each image goes in as row
+    copies, where `torch.stack` into the default layout transposed every pixel (0.25 vs 0.04 CPU ms per
+    224 px image on a 2-core EPYC: the largest cost after the decode; docs/performance.md). Inside a
+    worker the batch is allocated in shared memory, as default_collate does: no copy on the way out."""
+    c, h, w = images[0].shape
+    shape = (len(images), h, w, c)
+    if get_worker_info() is None:
+        out = torch.empty(shape, dtype=torch.uint8)
+    else:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        out = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    out = out.permute(0, 3, 1, 2)
+    for slot, image in zip(out, images):
+        slot.copy_(image)
+    return out
+
+
 def _collate(samples: list[tuple]) -> Batch:
     images, labels, keys, meta = zip(*samples)
-    # default_collate stacks straight into shared memory inside a worker: no copy on the way out
     return Batch(
-        default_collate(list(images)),
+        Encoded.of(images) if isinstance(images[0], _Jpeg) else _stack(images),
         torch.tensor(labels, dtype=torch.int64),
         list(keys),
         None if meta[0] is None else torch.tensor(np.asarray(meta, dtype=np.float32)),
@@ -326,6 +435,7 @@ class _Stream(IterableDataset):
         skip_corrupt: bool = False,
         max_batches: int = 0,
         features: Callable[[dict], Sequence[float]] | None = None,
+        decode: str = "workers",
     ):
         super().__init__()
         self.shards, self.classes, self.train = shards, classes, train
@@ -334,6 +444,7 @@ class _Stream(IterableDataset):
         self.shuffle_buffer, self.class_weights = shuffle_buffer, class_weights
         self.batch_transform, self.skip_corrupt, self.max_batches = batch_transform, skip_corrupt, max_batches
         self.features = features
+        self.prepare = _decode if decode == "workers" else _encode  # "device": JPEG bytes to `pixels`
         self.stored = {s.url: s.stored_size for s in shards}
         self.keys = {s.url: s.keys for s in shards}  # fold selection: the ids to keep per shard
         # Samples skipped as corrupt, shared with the loader workers so the trainer can report the count.
@@ -442,7 +553,7 @@ class _Stream(IterableDataset):
         failures = 0
         for sample in raw:
             try:
-                item = _decode(sample, self.image_size, self.stored, rng, self.features)
+                item = self.prepare(sample, self.image_size, self.stored, rng, self.features)
             except Exception as exc:
                 where = f"sample {sample.get('__key__')!r} in shard {sample.get('__url__')}"
                 if not self.skip_corrupt:
@@ -462,6 +573,8 @@ class _Stream(IterableDataset):
         """Apply `batch_transform`, with torch's RNG seeded from (stream, batch index) so a worker-side
         random augmentation depends on nothing but the epoch plan: a resumed run replays it exactly."""
         for index, batch in enumerate(batches):
+            if self.batch_transform is not None and isinstance(batch.images, Encoded):
+                raise UsageError("augmentation in the loader workers needs decode='workers'")
             if self.batch_transform is not None:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seeds.derive(seeds.WORKER_BATCH, *stream_id, index))
@@ -512,6 +625,15 @@ class ShardLoader:
         return iter(self._loader)
 
 
+DECODE = ("workers", "device")
+
+
+def _checked_decode(decode: str) -> str:
+    if decode not in DECODE:
+        raise UsageError(f"decode must be one of {', '.join(DECODE)}, got {decode!r}")
+    return decode
+
+
 def _check_common(image_size: int, batch_size: int, workers: int, rank: int, world_size: int) -> None:
     for name, value, low in (
         ("image_size", image_size, 1),
@@ -545,6 +667,7 @@ def train_loader(
     features: Callable[[dict], Sequence[float]] | None = None,
     folds: Sequence[int] | None = None,
     fetch: sources.Fetch | None = None,
+    decode: str = "workers",
 ) -> ShardLoader:
     """Training `Batch`es, full batches only, `len()` equal on all ranks.
 
@@ -552,7 +675,8 @@ def train_loader(
     worker on the uint8 batch (picklable); `skip_corrupt` skips undecodable samples with a warning
     instead of failing; `max_batches` > 0 caps the epoch (smoke runs); `features` (picklable) turns each
     sample's JSON record into its metadata features (`Batch.meta`); `folds` reads only those folds of
-    each folder's split (`lesionkit split`); `fetch` says how remote shards are fetched (retries, cache).
+    each folder's split (`lesionkit split`); `fetch` says how remote shards are fetched (retries, cache);
+    `decode="device"` yields `Encoded` batches for `pixels` to decode on the training device.
     """
     _check_common(image_size, batch_size, workers, rank, world_size)
     classes, shards = _shards(dirs, folds, fetch)
@@ -590,6 +714,7 @@ def train_loader(
         skip_corrupt=skip_corrupt,
         max_batches=max_batches,
         features=features,
+        decode=_checked_decode(decode),
     )
     return ShardLoader(stream, workers, prefetch_factor)
 
@@ -606,10 +731,11 @@ def eval_loader(
     features: Callable[[dict], Sequence[float]] | None = None,
     folds: Sequence[int] | None = None,
     fetch: sources.Fetch | None = None,
+    decode: str = "workers",
 ) -> ShardLoader:
     """Evaluation `Batch`es: in shard order, centre crop, every sample (of `folds`, when given)
     exactly once across all ranks and workers (batch counts may differ per rank: gather by key at the
-    end, never per batch). Corrupt samples raise, naming shard and key."""
+    end, never per batch). Corrupt samples raise, naming shard and key. `decode` as in `train_loader`."""
     _check_common(image_size, batch_size, workers, rank, world_size)
     classes, shards = _shards(dirs, folds, fetch)
     stream = _Stream(
@@ -624,5 +750,6 @@ def eval_loader(
         world_size=world_size,
         workers=workers,
         features=features,
+        decode=_checked_decode(decode),
     )
     return ShardLoader(stream, workers, prefetch_factor)

@@ -21,6 +21,7 @@ import torch
 
 from lesionkit import metrics as M
 from lesionkit.config import TTA_MODES, load_config
+from lesionkit.data import pixels
 from lesionkit.errors import UsageError
 from lesionkit.models import create_model, forward
 
@@ -108,7 +109,7 @@ def predict_logits(
     model.eval()
     keys, labels, logits = [], [], []
     for batch in loader:
-        x = preprocess(batch.images.to(device, non_blocking=True))
+        x = preprocess(pixels(batch, device))
         views = tta_views(x, tta)
         meta = None if batch.meta is None else batch.meta.to(device).repeat(len(views), 1)
         with autocast():

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from lesionkit import checkpoint, devices, planning, runs, seeds, sources, tasks, tracking, weights
 from lesionkit.augment import build_augment, build_mixup, choose_placement, preset_params
 from lesionkit.config import TrainConfig
-from lesionkit.data import eval_loader, train_loader
+from lesionkit.data import eval_loader, pixels, train_loader
 from lesionkit.errors import ConfigError, RunError
 from lesionkit.inference import gather_predictions, predict_logits
 from lesionkit.manifest import dataset_info, read_manifest, split_of
@@ -341,6 +341,8 @@ def build(
     placement = (
         cfg.augment_placement
         if cfg.augment_placement != "auto"
+        else "device"
+        if cfg.decode == "device"  # the workers hold JPEG bytes, not pixels
         else choose_placement(device.type, cfg.augment)
     )
     augment = build_augment(
@@ -365,6 +367,7 @@ def build(
         max_batches=cfg.max_steps_per_epoch,
         folds=train_folds,
         fetch=fetch,
+        decode=cfg.decode,
     )
     return TrainContext(
         cfg=cfg,
@@ -391,6 +394,7 @@ def build(
             world_size=world,
             folds=val_folds,
             fetch=fetch,
+            decode=cfg.decode,
         )
         if cfg.val or val_folds
         else None,
@@ -440,7 +444,7 @@ def train_step(ctx: TrainContext, batch, epoch: int, step: int) -> tuple[float, 
     (then nobody stepped), whether any rank was asked to stop)."""
     cfg, accelerator, model, optimizer = ctx.cfg, ctx.accelerator, ctx.model, ctx.optimizer
     torch.manual_seed(seeds.derive(seeds.STEP, cfg.seed, epoch, step, accelerator.process_index))
-    images = batch.images.to(accelerator.device, non_blocking=True)
+    images = pixels(batch, accelerator.device)
     targets = batch.labels.to(accelerator.device, non_blocking=True)
     meta = None if batch.meta is None else batch.meta.to(accelerator.device, non_blocking=True)
     if ctx.augment is not None:

@@ -57,6 +57,14 @@ CASES = {
         ["monitor 'isic2071_score'", "valid monitors:", "isic2017_score", "auc_melanoma", "loss"],
     ),
     "bad augment op": (["--augment-overrides", "{hairs: {p: 1}}"], ["unknown augmentation op 'hairs'"]),
+    "device decode, worker augmentation": (
+        ["--decode", "device", "--augment-placement", "workers"],
+        ["decode=device leaves no pixels in the loader workers: use augment_placement device"],
+    ),
+    "device decode, skip corrupt": (
+        ["--decode", "device", "--skip-corrupt"],
+        ["skip_corrupt needs decode=workers"],
+    ),
 }
 
 

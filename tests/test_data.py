@@ -1,8 +1,10 @@
 """The shard reader in one process: shapes, epoch length, coverage, balancing, errors."""
 
+import io
 import json
 import logging
 import random
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -306,6 +308,8 @@ def test_bench_loader_prints_shards_next_to_the_per_file_baseline(isic_val, tmp_
                 "1",
                 "--out",
                 str(out),
+                "--device",
+                "cpu",
             ]
         )
         == 0
@@ -318,6 +322,7 @@ def test_bench_loader_prints_shards_next_to_the_per_file_baseline(isic_val, tmp_
         "shards over HTTP (loopback)",
         "shards, wds tar reader",
         "shards, no workers, 1 thread",
+        "shards, decode on cpu",
         "files (seed)",
         "decode only, PIL (1 core)",
         "decode only, torchvision (1 core)",
@@ -335,9 +340,50 @@ def test_bench_loader_prints_shards_next_to_the_per_file_baseline(isic_val, tmp_
         > 0
     )
     assert params["loader_cores_needed"] == round(8000 * params["decode_collate_cpu_ms_per_image"] / 1e3, 1)
+    assert record["cases"]["shards, decode on cpu"]["items"] == 150
+    assert params["decode_device"] == "cpu" and params["device_decode_max_abs_diff"] == 0
     assert record["cases"]["files (seed)"]["ratio"] == 1.0
     assert record["cases"]["shards"]["items"] == 150 and record["cases"]["files (seed)"]["items"] == 150
     printed = capsys.readouterr().out
     assert "files (seed)" in printed and "decode limit on the same bytes, one core: PIL" in printed
     assert main(["bench", "loader", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("image_size", [32, 28])  # packed size (crop only), and a resize on the way
+def test_decode_on_the_device_gives_the_workers_pixels(isic_val, image_size):
+    """decode="device" (workers read bytes, `pixels` decodes the batch): on the CPU the very pixels, crops,
+    labels and order of the worker-side decode, in training (random crops) and evaluation."""
+    from lesionkit.data import Encoded, pixels
+
+    kw = {"image_size": image_size, "batch_size": 16, "workers": 2, "rank": 0, "world_size": 1}
+    for make in (lambda **k: train_loader(isic_val, seed=3, epoch=1, **kw, **k), lambda **k: eval_loader(isic_val, **kw, **k)):
+        theirs, ours = list(make()), list(make(decode="device"))
+        assert len(ours) == len(theirs) > 0
+        for a, b in zip(theirs, ours):
+            assert isinstance(b.images, Encoded) and len(b.images) == len(a.images)
+            assert b.keys == a.keys and torch.equal(b.labels, a.labels)
+            assert torch.equal(pixels(b, "cpu"), a.images)
+
+
+def test_decode_on_the_device_names_a_corrupt_sample(tmp_path):
+    from lesionkit.data import pixels
+
+    make_shards(tmp_path / "bytes", 16, 2, corrupt={5})  # not a JPEG at all: the worker's header check
+    kw = {"image_size": 32, "batch_size": 4, "workers": 0, "rank": 0, "world_size": 1, "decode": "device"}
+    with pytest.raises(CorruptDataError, match=r"corrupt sample 'ISIC_0000005' in shard .*shard-000000.tar"):
+        list(train_loader(tmp_path / "bytes", seed=0, epoch=0, **kw))
+    make_shards(tmp_path / "scan", 8, 1)  # a valid header over a truncated scan: only the decode finds it
+    shard = tmp_path / "scan" / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name == "ISIC_0000002.jpg":
+                data = data[: data.find(b"\xff\xda") + 14] + bytes(8)
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    batches = list(eval_loader(tmp_path / "scan", **kw))
+    assert pixels(batches[1], "cpu").shape == (4, 3, 32, 32)
+    with pytest.raises(CorruptDataError, match=r"corrupt sample 'ISIC_0000002': JPEG decode on cpu failed"):
+        pixels(batches[0], "cpu")

@@ -280,3 +280,12 @@ def test_a_run_gives_the_callers_signal_handlers_back():
     stop.ignore_repeats()
     stop.restore()
     assert {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS} == before
+
+
+def test_decode_on_the_device_trains_the_same_weights(tmp_path, tiny_shards):
+    """`--decode device` (workers read bytes; the batch is decoded where the model runs) changes where the
+    work happens, not what is learned: with augmentation on the device in both runs, the same weights."""
+    train(tmp_path / "workers", tiny_shards, "--epochs", "1", "--augment-placement", "device")
+    res = train(tmp_path / "device", tiny_shards, "--epochs", "1", "--decode", "device")
+    assert "augment light on device" in res.stdout
+    assert_same_weights(final_weights(tmp_path / "workers"), final_weights(tmp_path / "device"), atol=0)
