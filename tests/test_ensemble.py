@@ -103,6 +103,19 @@ def test_greedy_cli_records_its_members_and_scores_them(fx, tmp_path):
     assert m["selection"]["score"] == "isic2017_score" and m["isic2017_score"] == pytest.approx(steps[-1])
 
 
+def test_predict_with_several_checkpoints_averages_them(fx, tmp_path):
+    def predict(*ckpts) -> pd.DataFrame:
+        out = tmp_path / f"{'-'.join(ckpts)}.csv"
+        argv = ["--checkpoint", *(str(fx[c]) for c in ckpts), "--data", str(fx["test"]), "--out", str(out)]
+        assert run_command("predict", [*argv, "--workers", "0"]) == 0
+        return pd.read_csv(out)
+
+    a, b, both = predict("a"), predict("b"), predict("a", "b")
+    assert both["image_id"].tolist() == a["image_id"].tolist() and len(both) == 24
+    cols = ["melanoma", "seborrheic_keratosis"]
+    assert np.abs(both[cols].to_numpy() - (a[cols].to_numpy() + b[cols].to_numpy()) / 2).max() < 1e-6
+
+
 def test_checkpoints_of_other_classes_are_refused_naming_them(fx, tmp_path, capsys):
     other = make_checkpoint(tmp_path / "binary", classes=["benign", "melanoma"], image_size=32)
     argv = [str(fx["a"]), str(other), "--data", str(fx["test"]), "--out", str(tmp_path / "out")]
