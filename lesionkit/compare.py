@@ -139,6 +139,8 @@ def validation_predictions(run: Run, accelerator, batch_size: int, workers: int)
     acc = accelerator()
     model = api.load(run.best, acc.device, temperature=1.0)  # the trainer validates at temperature 1
     dirs, folds = validation_data(run)
+    where = " ".join(dirs) + ("" if folds is None else f" fold {folds[0]}")
+    print(f"lesionkit compare: scoring {run.best} on its validation data ({where}) once", flush=True)
     fetch = sources.Fetch(cache_dir=run.cfg.cache_dir or None, retries=run.cfg.fetch_retries)
     keys, labels, logits = score(
         acc, model.module, model.info, dirs, run.best, run.cfg.val_tta,
@@ -273,7 +275,8 @@ def markdown(table: pd.DataFrame, over: list[str], monitor: Monitor, bootstrap: 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table.to_dict("records"):
         paired = (
-            f"{_f(row['diff'], '+.4f')}{_ci(row['diff_ci'], '+.4f')}, p={_f(row['p'], '.3f')}"
+            f"{_f(row['diff'], '+.4f')}{_ci(row['diff_ci'], '+.4f')}, "
+            + (f"p<{1 / bootstrap:.2g}" if row["p"] == 0 else f"p={row['p']:.3f}")
             if row["vs_best"] == "paired"
             else row["vs_best"]
         )
@@ -286,13 +289,17 @@ def markdown(table: pd.DataFrame, over: list[str], monitor: Monitor, bootstrap: 
         ]
         lines.append("| " + " | ".join(cells) + " |")
     order = "highest" if monitor.mode == "max" else "lowest"
+    note = (
+        f" 95% CIs: percentile bootstrap over {bootstrap} resamples of those images. best - run: the "
+        "paired bootstrap, both runs scored on the same resampled images; p is the fraction of resamples "
+        "in which the best run is not better (small p: the winner is really better)."
+        if bootstrap
+        else ""
+    )
     lines += [
         "",
-        f"Sorted by the validation {monitor.name} ({order} first), of each run's best checkpoint on its "
-        "validation images (val_n in compare.csv). 95% CIs: percentile bootstrap over "
-        f"{bootstrap} resamples of those images. best - run: the paired bootstrap, both runs scored on "
-        "the same resampled images; p is the fraction of resamples in which the best run is not better "
-        "(small p: the winner is really better). Images/s include validation time.",
+        f"Sorted by the validation {monitor.name} ({order} first) of each run's best checkpoint on its "
+        f"validation images (val_n in compare.csv).{note} Images/s include validation time.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -303,12 +310,10 @@ def write(table: pd.DataFrame, out: Path, over: list[str], monitor: Monitor, boo
 
     flat = table.copy()
     for col in ("val_ci", "diff_ci"):
-        at, cis = (
-            flat.columns.get_loc(col),
-            [c if isinstance(c, list) else [None, None] for c in flat.pop(col)],
-        )
-        flat.insert(at, f"{col}_high", [c[1] for c in cis])
-        flat.insert(at, f"{col}_low", [c[0] for c in cis])
+        at = flat.columns.get_loc(col)
+        cis = [c if isinstance(c, list) else [None, None] for c in flat.pop(col)]
+        flat.insert(at, f"{col}_high", [hi for _, hi in cis])
+        flat.insert(at, f"{col}_low", [lo for lo, _ in cis])
     write_text(out / "compare.csv", flat.to_csv(index=False))
     write_text(out / "compare.md", markdown(table, over, monitor, bootstrap))
     with replacing(out / "compare.png") as tmp:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from lesionkit.compare import compare, markdown
+from lesionkit.compare import OUTPUTS, compare, markdown
 from lesionkit.errors import UsageError
 
 
@@ -37,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
         args.runs, args.out, args.monitor, args.bootstrap, args.seed, args.batch_size, args.workers
     )
     print(markdown(table, over, monitor, args.bootstrap), end="")
-    print(f"lesionkit compare: {len(table)} runs -> {out}/ (compare.md, compare.csv, compare.png)")
+    print(f"lesionkit compare: {len(table)} runs -> {out}/ ({', '.join(OUTPUTS)})")
     return 0
