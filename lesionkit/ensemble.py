@@ -16,21 +16,25 @@ validation, then score the chosen list (`members` in metrics.json, repeats inclu
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lesionkit import metrics as M
 from lesionkit.errors import UsageError
 
+if TYPE_CHECKING:
+    from lesionkit.api import Model
+
 SELECT = ("all", "greedy")
 
 
-def load_members(checkpoints, device, temperature: float | None = None) -> dict[Path, object]:
+def load_members(checkpoints, device, temperature: float | None = None) -> dict[Path, Model]:
     """{checkpoint: api.Model} of the distinct checkpoints, all trained on one class list (else a
     UsageError naming two that differ)."""
     from lesionkit import api
 
-    models: dict[Path, object] = {}
+    models: dict[Path, Model] = {}
     for ckpt in map(Path, checkpoints):
         if ckpt.resolve() not in {p.resolve() for p in models}:
             models[ckpt] = api.load(ckpt, device, temperature)
@@ -44,13 +48,13 @@ def load_members(checkpoints, device, temperature: float | None = None) -> dict[
     return models
 
 
-def members_of(checkpoints, models: dict[Path, object]) -> list[int]:
+def members_of(checkpoints, models: dict[Path, Model]) -> list[int]:
     """The index into `models` of each listed checkpoint (repeats kept: they are weights)."""
     resolved = [p.resolve() for p in models]
     return [resolved.index(Path(c).resolve()) for c in checkpoints]
 
 
-def score_members(accelerator, models: dict[Path, object], data, tta, batch_size, workers, folds, fetch):
+def score_members(accelerator, models: dict[Path, Model], data, tta, batch_size, workers, folds, fetch):
     """(keys, labels, probs [M, N, C]): each member's `evaluate` probabilities (softmax(logits / its
     temperature), mean over the TTA views) on the same samples."""
     from lesionkit.evaluate import score

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lesionkit import ensemble as E
 from lesionkit import sources
 from lesionkit.config import TTA_MODES
 from lesionkit.errors import UsageError
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--select",
         default="all",
-        choices=("all", "greedy"),
+        choices=E.SELECT,
         help="all: every checkpoint listed; greedy: forward selection with replacement on --data by the "
         "task's score (optimistic on that data: select on validation, score the chosen list on test)",
     )
@@ -63,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ensemble(args: argparse.Namespace, accelerator, max_models: int) -> int:
-    from lesionkit import ensemble as E
     from lesionkit import metrics as M
     from lesionkit.evaluate import summary_table, task_of, write_report
 
