@@ -42,6 +42,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lesionkit.commands.evaluate",
         "score a checkpoint on packed shards: metrics.json, predictions, plots",
     ),
+    "compare": (
+        "lesionkit.commands.compare",
+        "compare runs or a sweep: a table best first, the paired bootstrap of the best vs each",
+    ),
+    "ensemble": (
+        "lesionkit.commands.ensemble",
+        "score an ensemble of checkpoints on shards (averaged probabilities; greedy selection)",
+    ),
     "predict": ("lesionkit.commands.predict", "write a submission CSV for a folder of images or shards"),
     "explain": (
         "lesionkit.commands.explain",

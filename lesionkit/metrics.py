@@ -1,6 +1,6 @@
 """Classification metrics for dermoscopy models: per-class AUCs, balanced accuracy, thresholds,
-bootstrap confidence intervals and calibration. Task-specific scores (the ISIC 2017 score, ...) are
-composed from these by `lesionkit.tasks`.
+bootstrap confidence intervals, the paired bootstrap of two models and calibration. Task-specific
+scores (the ISIC 2017 score, ...) are composed from these by `lesionkit.tasks`.
 
 Pure numpy/scipy/sklearn so the trainer, `evaluate` and tests all score identically; nothing here
 knows about torch, Accelerate or dataset names. A class absent from the labels has an undefined AUC:
@@ -169,6 +169,40 @@ def _balanced_accuracy_rows(y: np.ndarray, pred: np.ndarray, n_classes: int) -> 
     return np.nanmean(recall, axis=1)
 
 
+def bootstrap_metrics(classes, composites: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """The metrics `resample_scores` (so `bootstrap_ci` and `paired_bootstrap`) computes for these classes."""
+    kept = [name for name, members in (composites or {}).items() if all(c in classes for c in members)]
+    return [*(f"auc_{c}" for c in classes), "balanced_accuracy", "auc_macro", *kept]
+
+
+def resample_scores(labels, probs, classes, idx, composites=None) -> dict[str, np.ndarray]:
+    """Each of `bootstrap_metrics` for every resample: row r of `idx` [R, N] holds the image indices of
+    resample r. Row-wise (`_rank_auc`, `_balanced_accuracy_rows`), so a chunk of resamples costs a few
+    array operations; NaN where a metric is undefined in a resample."""
+    pred = probs.argmax(axis=1)
+    out = {f"auc_{name}": _rank_auc(labels[idx] == c, probs[idx, c]) for c, name in enumerate(classes)}
+    out["balanced_accuracy"] = _balanced_accuracy_rows(labels[idx], pred[idx], len(classes))
+    with warnings.catch_warnings():  # a resample where no class AUC is defined: NaN, left out by callers
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["auc_macro"] = np.nanmean([out[f"auc_{c}"] for c in classes], axis=0)
+    for name in bootstrap_metrics(classes, composites)[len(classes) + 2 :]:
+        out[name] = np.mean([out[f"auc_{c}"] for c in composites[name]], axis=0)
+    return out
+
+
+def _resamples(size: int, n: int, seed: int, chunk: int):
+    """Index rows [<= chunk, size] of `n` resamples with replacement, chunk by chunk (bounded memory)."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, chunk):
+        yield rng.integers(0, size, size=(min(chunk, n - start), size))
+
+
+def _interval(v: np.ndarray, level: float) -> list[float] | None:
+    """The percentile interval of the finite draws `v` (None when there are none)."""
+    v, tail = v[np.isfinite(v)], (1 - level) / 2 * 100
+    return [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] if v.size else None
+
+
 def bootstrap_ci(
     labels,
     probs,
@@ -187,29 +221,60 @@ def bootstrap_ci(
     out of that metric's interval (`n_valid_<metric>` says how many were used).
     """
     labels, probs = _as_arrays(labels, probs, classes)
-    rng = np.random.default_rng(seed)
-    pred = probs.argmax(axis=1)
-    draws = {f"auc_{name}": [] for name in classes}
-    draws["balanced_accuracy"] = []
-    for start in range(0, n, chunk):
-        idx = rng.integers(0, labels.size, size=(min(chunk, n - start), labels.size))
-        for c, name in enumerate(classes):
-            draws[f"auc_{name}"].append(_rank_auc(labels[idx] == c, probs[idx, c]))
-        draws["balanced_accuracy"].append(_balanced_accuracy_rows(labels[idx], pred[idx], len(classes)))
-    draws = {k: np.concatenate(v) for k, v in draws.items()}
-    with warnings.catch_warnings():  # a resample where no class AUC is defined: NaN, left out below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        draws["auc_macro"] = np.nanmean([draws[f"auc_{c}"] for c in classes], axis=0)
-    for name, members in (composites or {}).items():
-        if all(c in classes for c in members):
-            draws[name] = np.mean([draws[f"auc_{c}"] for c in members], axis=0)
-    tail = (1 - level) / 2 * 100
+    chunks = [
+        resample_scores(labels, probs, classes, idx, composites)
+        for idx in _resamples(labels.size, n, seed, chunk)
+    ]
     out: dict = {"n_boot": n, "level": level, "seed": seed}
-    for k, v in draws.items():
-        v = v[np.isfinite(v)]
-        out[k] = [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] if v.size else None
-        out[f"n_valid_{k}"] = int(v.size)
+    for k in chunks[0]:
+        v = np.concatenate([c[k] for c in chunks])
+        out[k] = _interval(v, level)
+        out[f"n_valid_{k}"] = int(np.isfinite(v).sum())
     return out
+
+
+def bootstrap_score(name: str, classes, composites: dict[str, tuple[str, ...]] | None = None):
+    """The `score_fn` of `paired_bootstrap` for metric `name`, one of `bootstrap_metrics` (all of them
+    higher-is-better)."""
+    valid = bootstrap_metrics(classes, composites)
+    if name not in valid:
+        raise ValueError(f"no bootstrap for {name!r}; bootstrapped metrics: {', '.join(valid)}")
+    return lambda labels, probs, idx: resample_scores(labels, probs, classes, idx, composites)[name]
+
+
+def paired_bootstrap(
+    labels, probs_a, probs_b, score_fn, n: int = 1000, seed: int = 0, level: float = 0.95, chunk: int = 100
+) -> dict:
+    """Is model A really better than model B on the same images? Every resample draws the images once and
+    scores both models on that same draw, so what the two share (which images are hard) cancels out of
+    the difference: a paired test, far tighter than comparing two separate CIs.
+
+    `score_fn(labels, probs, idx)` -> the score of each resample row of `idx` (higher is better;
+    `bootstrap_score` gives bootstrap_ci's metrics). Returns {"difference": score(A) - score(B) on all
+    images, "ci": the percentile interval of the resampled differences, "p": the one-sided p-value, the
+    fraction of resamples in which A is not better (difference <= 0), "n_boot", "n_valid", "level",
+    "seed"}; resamples where the score is undefined for either model are left out (ci and p None if all).
+    """
+    labels, probs_a = _as_arrays(labels, probs_a, range(np.shape(probs_a)[-1]))
+    _, probs_b = _as_arrays(labels, probs_b, range(probs_a.shape[1]))
+    whole = np.arange(labels.size)[None]
+    observed = score_fn(labels, probs_a, whole)[0] - score_fn(labels, probs_b, whole)[0]
+    diff = np.concatenate(
+        [
+            score_fn(labels, probs_a, idx) - score_fn(labels, probs_b, idx)
+            for idx in _resamples(labels.size, n, seed, chunk)
+        ]
+    )
+    diff = diff[np.isfinite(diff)]
+    return {
+        "difference": float(observed),
+        "ci": _interval(diff, level),
+        "p": float((diff <= 0).mean()) if diff.size else None,
+        "n_boot": n,
+        "n_valid": int(diff.size),
+        "level": level,
+        "seed": seed,
+    }
 
 
 def softmax_views(logits, temperature: float = 1.0) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Report figures as PNG: per-class ROC curves (AUC in the legend), confusion matrix, reliability diagram.
+"""Report figures as PNG: per-class ROC curves (AUC in the legend), confusion matrix, reliability diagram;
+score against training time for `lesionkit compare`.
 
 Uses matplotlib's object API (`Figure` + its Agg canvas), so no display, no global pyplot state and
 no backend switching is needed on headless nodes.
@@ -84,4 +85,20 @@ def reliability_figure(labels, probs, path: str | Path, n_bins: int = 10) -> Pat
     ax.legend(loc="upper left", fontsize="small")
     axc.bar(centers, b["count"], width=1 / n_bins, edgecolor="black", color="grey")
     axc.set(xlabel="confidence", ylabel="count")
+    return _save(fig, path)
+
+
+def score_time_figure(names, seconds, scores, cis, path: str | Path, ylabel: str) -> Path:
+    """One point per run: validation score (95% CI as an error bar where known) against training time,
+    each labelled with its run name: what a longer or bigger run buys."""
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    for name, t, y, ci in zip(names, seconds, scores, cis):
+        if y is None or not np.isfinite(y):
+            continue
+        err = [[y - ci[0]], [ci[1] - y]] if isinstance(ci, list) else None
+        ax.errorbar(t / 60, y, yerr=err, fmt="o", capsize=3)
+        ax.annotate(str(name), (t / 60, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(xlabel="training time (minutes, validation included)", ylabel=ylabel, title=f"{ylabel} vs time")
+    ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -90,6 +90,31 @@ def test_bootstrap_ci_brackets_point_and_is_reproducible():
     assert metrics._rank_auc(y, probs[idx, 1])[0] == pytest.approx(skm.roc_auc_score(y[0], probs[idx[0], 1]))
 
 
+def test_paired_bootstrap_finds_the_planted_better_model_and_none_between_equals():
+    labels, strong, _ = _data(n=300, seed=4, signal=2.0)
+    _, weak, _ = _data(n=300, seed=4, signal=0.4)  # the same labels, a weaker signal
+    score = metrics.bootstrap_score("auc_macro", CLASSES)
+    better = metrics.paired_bootstrap(labels, strong, weak, score, n=400, seed=0)
+    macro = [np.mean([skm.roc_auc_score(labels == c, p[:, c]) for c in range(3)]) for p in (strong, weak)]
+    assert better["difference"] == pytest.approx(macro[0] - macro[1]) and better["difference"] > 0.1
+    lo, hi = better["ci"]
+    assert 0 < lo < better["difference"] < hi and better["p"] < 0.01 and better["n_valid"] == 400
+    worse = metrics.paired_bootstrap(labels, weak, strong, score, n=400, seed=0)
+    assert worse["difference"] == pytest.approx(-better["difference"]) and worse["p"] > 0.99
+    same = metrics.paired_bootstrap(labels, strong, strong.copy(), score, n=400, seed=0)
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0] and same["p"] == 1.0
+    # balanced accuracy and composites through the same machinery; a metric without a bootstrap is refused
+    ba = metrics.paired_bootstrap(labels, strong, weak, metrics.bootstrap_score("balanced_accuracy", CLASSES))
+    assert ba["difference"] == pytest.approx(
+        skm.balanced_accuracy_score(labels, strong.argmax(1))
+        - skm.balanced_accuracy_score(labels, weak.argmax(1))
+    )
+    score17 = metrics.bootstrap_score("isic2017_score", CLASSES, ISIC2017.composites)
+    assert metrics.paired_bootstrap(labels, strong, weak, score17, n=50)["p"] < 0.05
+    with pytest.raises(ValueError, match="no bootstrap for 'nll'"):
+        metrics.bootstrap_score("nll", CLASSES)
+
+
 def test_fit_temperature_recovers_scale():
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 3, size=4000)

@@ -27,6 +27,7 @@ from lesionkit import api, tasks
 from lesionkit.atomic import write_text
 from lesionkit.config import TTA_MODES
 from lesionkit.data import eval_loader
+from lesionkit.ensemble import average, load_members, members_of
 from lesionkit.errors import UsageError
 from lesionkit.inference import check_classes
 from lesionkit.manifest import dataset_info
@@ -36,7 +37,14 @@ FORMATS = {name: name for name in tasks.TASKS if name != "custom"} | {"isic-scor
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/NAME/best")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        metavar="CKPT",
+        help="checkpoint folder, e.g. runs/NAME/best; several: the mean of their probabilities (an "
+        "ensemble, each with its own preprocessing; one listed twice weighs twice)",
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--images",
@@ -75,28 +83,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be >= 1 and --workers >= 0")
     if args.temperature is not None and args.temperature <= 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    model = api.load(args.checkpoint, args.device, args.temperature)
+    models = load_members(args.checkpoint, args.device, args.temperature)
+    model = next(iter(models.values()))  # all share its classes, so its task and format
     info, classes = model.info, model.classes
     fmt = args.format or next((f for f, name in FORMATS.items() if name == model.task.name), "isic-scoring")
     layout = tasks.get_task(FORMATS[fmt])
     if args.data:
         data_classes, _, num_samples = dataset_info(args.data)
-        check_classes(info, data_classes, args.checkpoint, " ".join(args.data))
+        check_classes(info, data_classes, args.checkpoint[0], " ".join(args.data))
     layout.submission_frame([], np.zeros((0, len(classes))), classes)  # format check before any work
-    if args.images:
-        _, items = api.image_items(args.images)
-        keys, probs = model.predict_items(items, args.tta, args.batch_size, args.workers)
-        labels = None
-    else:
-        batches = eval_loader(
-            args.data,
-            image_size=info["image_size"],
-            batch_size=args.batch_size,
-            workers=args.workers,
-            rank=0,
-            world_size=1,
-        )
-        keys, labels, probs = model.predict_batches(batches, args.tta)
+    scored = [_predict(member, args) for member in models.values()]
+    keys, labels = scored[0][:2]
+    probs = average([p for _, _, p in scored], members_of(args.checkpoint, models))
     if args.data and len(keys) != num_samples:
         raise UsageError(f"scored {len(keys)} samples but the manifests list {num_samples}")
     if not keys:
@@ -111,3 +109,24 @@ def run(args: argparse.Namespace) -> int:
         + (f" (ground truth: {args.truth_out})" if truth is not None else "")
     )
     return 0
+
+
+def _predict(model, args: argparse.Namespace):
+    """(keys, labels or None, probs) of one checkpoint, sorted by key (the shard reader's order can vary
+    between runs, and ensemble members are averaged image by image)."""
+    if args.images:
+        _, items = api.image_items(args.images)
+        keys, probs = model.predict_items(items, args.tta, args.batch_size, args.workers)
+        labels = None
+    else:
+        batches = eval_loader(
+            args.data,
+            image_size=model.image_size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            rank=0,
+            world_size=1,
+        )
+        keys, labels, probs = model.predict_batches(batches, args.tta)
+    order = np.argsort(keys, kind="stable")
+    return [keys[i] for i in order], None if labels is None else labels[order], probs[order]
