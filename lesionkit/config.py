@@ -259,7 +259,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.workers < 0:
         raise ConfigError(f"workers must be >= 0, got {cfg.workers}")
     if cfg.decode == "device" and cfg.augment_placement == "workers":
-        raise ConfigError("decode=device leaves no pixels in the loader workers: use augment_placement device")
+        raise ConfigError(
+            "decode=device leaves no pixels in the loader workers: use augment_placement device"
+        )
     if cfg.decode == "device" and cfg.skip_corrupt:
         raise ConfigError("skip_corrupt needs decode=workers (a worker replaces a sample it cannot decode)")
     if cfg.lr_batch < 0 or cfg.lr_warmup_epochs < 0 or cfg.fetch_retries < 0:

@@ -116,7 +116,9 @@ def pixels(batch: Batch, device) -> torch.Tensor:
             try:
                 decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
             except RuntimeError as exc:
-                raise CorruptDataError(f"corrupt sample {key!r}: JPEG decode on {device} failed: {exc}") from exc
+                raise CorruptDataError(
+                    f"corrupt sample {key!r}: JPEG decode on {device} failed: {exc}"
+                ) from exc
         raise
     size = images.size
     out = torch.empty((len(decoded), 3, size, size), dtype=torch.uint8, device=decoded[0].device)

@@ -357,7 +357,10 @@ def test_decode_on_the_device_gives_the_workers_pixels(isic_val, image_size):
     from lesionkit.data import Encoded, pixels
 
     kw = {"image_size": image_size, "batch_size": 16, "workers": 2, "rank": 0, "world_size": 1}
-    for make in (lambda **k: train_loader(isic_val, seed=3, epoch=1, **kw, **k), lambda **k: eval_loader(isic_val, **kw, **k)):
+    for make in (
+        lambda **k: train_loader(isic_val, seed=3, epoch=1, **kw, **k),
+        lambda **k: eval_loader(isic_val, **kw, **k),
+    ):
         theirs, ours = list(make()), list(make(decode="device"))
         assert len(ours) == len(theirs) > 0
         for a, b in zip(theirs, ours):
