@@ -17,8 +17,8 @@
 #SBATCH --requeue
 
 if [ -z "${LK_REPO:-}" ]; then  # sbatch runs a copy of this file: ask Slurm where the original lives
-  script=${BASH_SOURCE[0]}
-  [ -z "${SLURM_JOB_ID:-}" ] || script=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+  script=${BASH_SOURCE[0]}  # (the array's own id lists every task: its first Command= line is this script)
+  [ -z "${SLURM_JOB_ID:-}" ] || script=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)
   LK_REPO=$(cd "$(dirname "$script")/.." && pwd)
 fi
 : "${LK_SWEEP:?set LK_SWEEP to the sweep folder (lesionkit sweep --slurm does)}"

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sbatch",
         default="",
         metavar="ARGS",
-        help="--slurm: more sbatch options, e.g. '--partition gpu --gpus-per-node=1 --cpus-per-task=8'",
+        help="--slurm: more sbatch options, e.g. --sbatch='--partition gpu --gpus-per-node=1'",
     )
     parser.add_argument(
         "--launcher",
