@@ -38,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lesionkit.commands.cv",
         "cross-validate a recipe: train every fold, score the out-of-fold predictions with a CI",
     ),
+    "sweep": (
+        "lesionkit.commands.sweep",
+        "a grid/list of overrides over a recipe: list it, run it here, or submit one Slurm job array",
+    ),
     "evaluate": (
         "lesionkit.commands.evaluate",
         "score a checkpoint on packed shards: metrics.json, predictions, plots",

@@ -280,17 +280,19 @@ def load_recipe(name_or_path: str) -> dict:
     return data
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, recipe: bool = True) -> None:
     """One `--flag` per dataclass field (underscores become dashes; booleans get `--no-flag` too), with the
-    field's help text, default and choices, plus `--config` and `--print-config`."""
-    parser.add_argument(
-        "--config", help=f"recipe name ({', '.join(list_recipes())}) or YAML path; flags override it"
-    )
-    parser.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resolved config (defaults < profile < recipe < flags) as YAML and exit",
-    )
+    field's help text, default and choices, plus `--config` and `--print-config` (unless `recipe` is False:
+    `lesionkit sweep`, whose recipe is the sweep file's)."""
+    if recipe:
+        parser.add_argument(
+            "--config", help=f"recipe name ({', '.join(list_recipes())}) or YAML path; flags override it"
+        )
+        parser.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved config (defaults < profile < recipe < flags) as YAML and exit",
+        )
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         typ, flag = _field_types()[f.name], "--" + f.name.replace("_", "-")
@@ -318,13 +320,18 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, metavar=None if "choices" in kw else f.name.upper(), **kw)
 
 
+def flags_given(args: argparse.Namespace) -> dict:
+    """The config flags given on the command line (those left at None were not)."""
+    return {k: v for k, v in vars(args).items() if k in _field_types() and v is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """defaults < hardware profile < recipe < the recipe's section for the profile < flags
     (`lesionkit.profiles`); the profile follows the device this process trains on unless given."""
     from lesionkit import devices, profiles
 
     recipe = load_recipe(args.config) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k in _field_types() and v is not None}
+    flags = flags_given(args)
     cfg = TrainConfig()
     profile = flags.get("profile", recipe.get("profile", cfg.profile))
     if profile not in CHOICES["profile"]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from PIL import Image
 
 CLASSES = ["nevus", "melanoma", "seborrheic_keratosis"]
+CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 
 
 def free_port() -> int:
@@ -128,3 +131,28 @@ def registry_checkpoint(tmp_path_factory):
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """Two slurmd (lkn1, lkn2) on this host (tests/slurm/cluster.sh), one for the whole session (the Slurm
+    tests of test_slurm.py and test_sweep.py share it); torn down (by PID) after the session."""
+    d = tmp_path_factory.mktemp("slurm")
+    up = subprocess.run(
+        ["bash", str(CLUSTER), "up", "--dir", str(d), "--nodes", "2", "--cpus", "3"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert up.returncode == 0, up.stderr
+    env = dict(os.environ, SLURM_CONF=str(d / "etc" / "slurm.conf"))
+    yield env
+    down = subprocess.run(
+        ["bash", str(CLUSTER), "down", "--dir", str(d)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert down.returncode == 0, down.stderr

@@ -1,4 +1,5 @@
-"""The job scripts against a real Slurm scheduler (tests/slurm/cluster.sh: slurmctld + two slurmd here).
+"""The job scripts against a real Slurm scheduler (tests/slurm/cluster.sh: slurmctld + two slurmd here, the
+`cluster` fixture of tests/conftest.py, shared with tests/test_sweep.py).
 
 All jobs are submitted together (they share the throwaway cluster like a real queue) and each test then
 waits for its own. They train tiny models for 2 epochs on synth + pack shards, on CPU nodes.
@@ -21,34 +22,9 @@ from tests.wandb_log import logged, run_record
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 LESIONKIT = Path(sys.executable).with_name("lesionkit")
 SMOKE = "--image-size 64 --batch-size 4 --workers 0 --max-steps-per-epoch 3 --no-wandb"
 TIMEOUT_S = 420
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
-    """Two slurmd (lkn1, lkn2) on this host; torn down (by PID) after the session."""
-    d = tmp_path_factory.mktemp("slurm")
-    up = subprocess.run(
-        ["bash", str(CLUSTER), "up", "--dir", str(d), "--nodes", "2", "--cpus", "3"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert up.returncode == 0, up.stderr
-    env = dict(os.environ, SLURM_CONF=str(d / "etc" / "slurm.conf"))
-    yield env
-    down = subprocess.run(
-        ["bash", str(CLUSTER), "down", "--dir", str(d)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert down.returncode == 0, down.stderr
 
 
 @pytest.fixture(scope="module")
