@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,14 @@ def cluster(tmp_path_factory):
         timeout=180,
     )
     assert down.returncode == 0, down.stderr
+
+
+def wait_until(predicate, what, timeout=600, poll=0.2):
+    """Poll `predicate` until it returns something truthy (returned); fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

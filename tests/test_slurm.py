@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.wandb_log import logged, run_record
 
 pytestmark = pytest.mark.slurm
@@ -164,16 +165,6 @@ def job_info(env, job) -> dict:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
-def wait_until(predicate, what, timeout=TIMEOUT_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def wait_done(env, job, log) -> dict:
     def done():
         info = job_info(env, job)
@@ -181,7 +172,7 @@ def wait_done(env, job, log) -> dict:
             info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
         )
 
-    info = wait_until(done, f"job {job} to end")
+    info = wait_until(done, f"job {job} to end", TIMEOUT_S)
     info["log"] = log.read_text(errors="replace") if log.exists() else ""
     return info
 
@@ -193,7 +184,11 @@ def read_json(path: Path):
 def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_result(cluster, jobs):
     job, log, out = jobs["preempt"]
     # The header row is printed after the trainer's signal handler is set and just before the first step.
-    wait_until(lambda: log.exists() and "train_loss" in log.read_text(errors="replace"), "training to start")
+    wait_until(
+        lambda: log.exists() and "train_loss" in log.read_text(errors="replace"),
+        "training to start",
+        TIMEOUT_S,
+    )
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
 
     # Slurm holds a requeued job for ~2 minutes (BeginTime); release it sooner, but not within the second
@@ -203,7 +198,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_result(clust
         assert info["JobState"] not in ("COMPLETED", "FAILED"), f"ended without a requeue:\n{log.read_text()}"
         return info["Restarts"] == "1" and info["JobState"] == "PENDING"
 
-    wait_until(requeued, "the job to requeue itself")
+    wait_until(requeued, "the job to requeue itself", TIMEOUT_S)
     time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, check=True)
     info = wait_done(cluster, job, log)

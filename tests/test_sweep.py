@@ -17,7 +17,7 @@ import yaml
 
 from lesionkit import sweep as S
 from lesionkit.cli import run_command
-from tests.conftest import make_shards
+from tests.conftest import make_shards, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,16 +186,6 @@ def scontrol_job(env, job: str) -> dict:
         ["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True, check=True
     ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-def wait_until(predicate, what, timeout=600):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
