@@ -33,8 +33,12 @@ demo: venv
 slurm:
 	@bash .ci/install-slurm.sh
 
+# Two pytest workers: most tests run single-threaded subprocesses (OMP_NUM_THREADS=1), so one worker leaves a
+# core idle; the Slurm tests share one cluster and stay on one worker (xdist_group, tests/conftest.py).
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
 test: venv slurm
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 lint: venv
 	$(BIN)/ruff check lesionkit benchmarks tests
@@ -46,7 +50,7 @@ format: venv
 
 # The inner loop: everything but the long tests (demo, kill -9, Slurm, DDP, memory, official scorer).
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs wandb shards/demo

@@ -112,10 +112,14 @@ def make_shards(
 
 
 def pytest_collection_modifyitems(items):
-    """Slurm and 2-process tests are slow too: `pytest -m "not slow"` leaves them out of the inner loop."""
+    """Slurm and 2-process tests are slow too: `pytest -m "not slow"` leaves them out of the inner loop.
+    The tests on the Slurm cluster share one (session fixture): under `-n 2 --dist loadgroup` (make test)
+    they run on one worker, which alone starts it."""
     for item in items:
         if item.get_closest_marker("slurm") or item.get_closest_marker("ddp"):
             item.add_marker(pytest.mark.slow)
+        if "cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(scope="session")
