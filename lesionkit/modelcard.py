@@ -39,14 +39,22 @@ NO_LICENCE = "not recorded: check the licence of the images' source before any u
 UNDER_REPRESENTED = 0.5  # a class with under half of an equal share of the training images
 
 
-def dataset_facts(locations) -> list[dict]:
-    """Per shard folder: samples, counts per class, task, sources and metadata summary of its manifest."""
-    from lesionkit.manifest import read_manifest
+def dataset_facts(locations, fold: int = -1, held_out: bool = False) -> list[dict]:
+    """Per shard folder: samples, counts per class, task, sources and metadata summary of its manifest.
+    With `fold` >= 0 the counts are those `--fold` trains on (every other fold of the folder's split), or
+    with `held_out` the ones it validates on (that fold), not the whole folder's."""
+    from lesionkit.manifest import read_manifest, shard_selection, split_of
 
     out = []
     for loc in locations or []:
         try:
             m = read_manifest(loc)
+            num, counts = m.get("num_samples"), m.get("counts", {})
+            if fold >= 0:
+                k = split_of(m, loc, [fold])["folds"]
+                picked, _ = shard_selection(m, loc, [fold] if held_out else [f for f in range(k) if f != fold])
+                num = sum(n for _, n, _ in picked)
+                counts = {c: sum(int(pc.get(c, 0)) for _, _, pc in picked) for c in m["classes"]}
         except Exception as exc:  # noqa: BLE001 - the card says why, training goes on
             out.append({"location": str(loc), "unavailable": str(exc).splitlines()[0]})
             continue
@@ -54,8 +62,8 @@ def dataset_facts(locations) -> list[dict]:
             {
                 "location": str(loc),
                 "task": m.get("task"),
-                "num_samples": m.get("num_samples"),
-                "counts": m.get("counts", {}),
+                "num_samples": num,
+                "counts": counts,
                 "sources": m.get("sources", {}),
                 "metadata": m.get("metadata"),
             }
@@ -86,8 +94,8 @@ def record_training(ckpt: Path, training: dict, task, classes, metrics: dict, va
 def training_facts(cfg) -> dict:
     """The run's data (its manifests, which may be remote) and recipe."""
     return {
-        "train": dataset_facts(cfg.train),
-        "val": dataset_facts(cfg.val),
+        "train": dataset_facts(cfg.train, cfg.fold),
+        "val": dataset_facts(cfg.val) if cfg.fold == -1 else dataset_facts(cfg.train, cfg.fold, held_out=True),
         "fold": cfg.fold,
         "recipe": {k: getattr(cfg, k) for k in RECIPE_FIELDS if getattr(cfg, k, "") != ""},
         "lesionkit_version": __version__,

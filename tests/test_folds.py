@@ -142,6 +142,13 @@ def test_isic2019_trains_past_epoch_1_on_a_lesion_fold_with_its_default_monitor(
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and metrics["monitor"] == "balanced_accuracy"
     assert metrics["n"] == sum(manifest(split["2019"])["split"]["counts"][2].values())  # validated on fold 2
+    # the model card counts what the run trained and validated on, not the whole folder
+    held_out, m = manifest(split["2019"])["split"]["counts"][2], manifest(split["2019"])
+    facts = json.loads((run / "best" / "card.json").read_text())["training"]
+    (train,), (val,) = facts["train"], facts["val"]
+    assert val["counts"] == held_out and val["num_samples"] == metrics["n"]
+    assert train["counts"] == {c: n - held_out[c] for c, n in m["counts"].items()}
+    assert train["num_samples"] == m["num_samples"] - metrics["n"]
 
 
 @pytest.mark.ddp
