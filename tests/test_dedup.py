@@ -356,3 +356,19 @@ def test_training_leaves_out_the_list_and_warns_of_the_rest(planted, tmp_path):
         "lesionkit: warning: 3 validation sample(s) are duplicates of training images (3 group(s)"
     ), warning
     assert "train 29 samples" in res.stdout  # 38 - 9
+
+
+def test_dedup_fold_against_the_other_folds(planted, tmp_path, capsys):
+    from lesionkit.splits import assign_folds
+
+    data = tmp_path / "copies"
+    shutil.copytree(planted["copies"], data)
+    fold_of = assign_folds(data, k=2, by="none", seed=0)["fold_of"]
+    assert cli.main(["dedup", str(data), "--fold", "0"]) == 0
+    rows = read_csv(capsys.readouterr().out)
+    assert rows and all(fold_of[r["id"]] == (0 if r["role"] == "against" else 1) for r in rows)
+    # every copy of one original in fold 0 is grouped with the copies of that original in fold 1
+    for original in ORIGINALS:
+        mine = {i for i in fold_of if i.startswith(original)}
+        grouped = {r["id"] for r in rows if r["id"].startswith(original)}
+        assert grouped == (mine if len({fold_of[i] for i in mine}) == 2 else set())
