@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lesionkit.commands.split",
         "assign grouped cross-validation folds (by lesion or patient) to a shard folder",
     ),
+    "dedup": (
+        "lesionkit.commands.dedup",
+        "find the same images in training and validation/test shards (perceptual hash + pixel check)",
+    ),
     "train": (
         "lesionkit.commands.train",
         "train a model (multi-process: accelerate launch lesionkit/train.py)",

@@ -158,6 +158,12 @@ class TrainConfig:
         "train on the other folds of --train's split (`lesionkit split`) and validate on this fold of the "
         "same folders, instead of --val (-1 = off)",
     )
+    # issue 15: de-duplication
+    exclude: str = opt(
+        "",
+        "file of training sample ids to leave out, one a line (`lesionkit dedup TRAIN --against VAL "
+        "--exclude-out FILE`); ids match in every --train folder",
+    )
     # issue 18: run folders that never lose work, W&B dashboards
     force: bool = opt(
         False, "start a fresh run in an OUTPUT_DIR that holds an earlier run, replacing its files"

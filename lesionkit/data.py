@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from lesionkit import seeds, sources
 from lesionkit.errors import CorruptDataError, UsageError
-from lesionkit.manifest import MANIFEST, as_list, dataset_info, read_manifest, shard_selection
+from lesionkit.manifest import MANIFEST, Exclusion, as_list, dataset_info, read_manifest, shard_selection
 
 DRAFT_FACTOR = 2  # stored shorter side >= 2x the training size: decode with PIL draft (DCT scaling)
 
@@ -136,25 +136,29 @@ class _Shard:
     counts: tuple[int, ...]  # per class, in the class order
     stored_size: int  # shorter side the images were packed at
     keys: frozenset | None = None  # ids of the selected folds' samples (None: every sample of the shard)
+    drop: frozenset = frozenset()  # ids of its samples left out (`exclude`)
 
 
-def _shards(dirs, folds=None, fetch: sources.Fetch | None = None) -> tuple[list[str], list[_Shard]]:
+def _shards(
+    dirs, folds=None, fetch: sources.Fetch | None = None, exclude: Exclusion | None = None
+) -> tuple[list[str], list[_Shard]]:
     """The shards to read; with `folds`, each counts only those folds' samples (the manifest's per-shard
-    fold counts), so plans and quotas stay exact, and the stream drops the other samples by id. Each url is
-    a `sources.Address` (what to expect, how to fetch it)."""
-    classes, _, _ = dataset_info(dirs, folds, fetch)
+    fold counts), so plans and quotas stay exact, and the stream drops the other samples by id; likewise
+    without the samples `exclude` lists. Each url is a `sources.Address` (what to expect, how to fetch it)."""
+    classes, _, _ = dataset_info(dirs, folds, fetch, exclude)
     shards = []
     for folder in as_list(dirs):
         manifest = read_manifest(folder, fetch)
         stored = int(manifest.get("params", {}).get("size", 0))
-        picked, keys = shard_selection(manifest, folder, folds)
+        picked, keys = shard_selection(manifest, folder, folds, exclude)
         for rec, num_samples, shard_counts in picked:
             url = sources.shard(folder, rec, fetch)
             if not sources.is_remote(url) and not sources.exists(url):
                 raise UsageError(f"shard {url} listed in {sources.join(folder, MANIFEST)} is missing")
             counts = tuple(int(shard_counts.get(c, 0)) for c in classes)
             if num_samples > 0:
-                shards.append(_Shard(url, num_samples, counts, stored, keys))
+                drop = frozenset(i for i, _ in exclude.of(folder, rec["name"])) if exclude else frozenset()
+                shards.append(_Shard(url, num_samples, counts, stored, keys, drop))
     return classes, shards
 
 
@@ -358,12 +362,33 @@ def _read(urls: list[str], skip_bad: bool = False) -> Iterator[dict]:
             log.warning("skipped the rest of shard %s: %s", url, exc)
 
 
-def sample_records(location) -> Iterator[tuple[str, dict]]:
+def shard_samples(location, fetch: sources.Fetch | None = None) -> Iterator[tuple[str, dict]]:
+    """(shard name, raw sample `{"__key__", "jpg", "json", ...}`) of every sample of a shard folder, shard
+    by shard; `fetch` for a remote folder (retries, the cache, sha256 checks)."""
+    for rec in read_manifest(location, fetch)["shards"]:
+        for sample in _tar_samples(sources.shard(location, rec, fetch)):
+            yield rec["name"], sample
+
+
+def sample_records(location, fetch: sources.Fetch | None = None) -> Iterator[tuple[str, dict]]:
     """(shard name, JSON record) of every sample of a shard folder, shard by shard: what `lesionkit split`
     reads to learn each sample's label and group ids without decoding an image."""
-    for rec in read_manifest(location)["shards"]:
-        for sample in _tar_samples(sources.join(location, rec["name"])):
-            yield rec["name"], json.loads(sample["json"])
+    for name, sample in shard_samples(location, fetch):
+        yield name, json.loads(sample["json"])
+
+
+def exclusion(dirs, ids, fetch: sources.Fetch | None = None) -> Exclusion:
+    """The training samples of `dirs` whose id is in `ids` (`TrainConfig.exclude`), found by reading every
+    sample's JSON record once (shard and class per id), so the loader plans its batches without them."""
+    ids = frozenset(ids)
+    found: dict[str, dict[str, list]] = {}
+    for folder in as_list(dirs):
+        for shard, record in sample_records(folder, fetch):
+            if record["id"] in ids:
+                found.setdefault(folder, {}).setdefault(shard, []).append(
+                    (record["id"], record["label_name"])
+                )
+    return Exclusion(ids, {f: {s: tuple(v) for s, v in shards.items()} for f, shards in found.items()})
 
 
 def read_with_webdataset(urls: list[str], skip_bad: bool = False) -> Iterator[dict]:
@@ -449,6 +474,7 @@ class _Stream(IterableDataset):
         self.prepare = _decode if decode == "workers" else _encode  # "device": JPEG bytes to `pixels`
         self.stored = {s.url: s.stored_size for s in shards}
         self.keys = {s.url: s.keys for s in shards}  # fold selection: the ids to keep per shard
+        self.drop = {s.url: s.drop for s in shards}  # `exclude`: the ids to leave out per shard
         # Samples skipped as corrupt, shared with the loader workers so the trainer can report the count.
         self.skipped = multiprocessing.Value("q", 0)
         loads = [
@@ -525,13 +551,18 @@ class _Stream(IterableDataset):
         return _weighted_mix(streams, [mix[c] for c in present], rng)
 
     def _selected(self, urls: list[str], skip_bad: bool = False) -> Iterator[dict]:
-        """`read`, keeping only the selected folds' samples (all of them when no folds were selected)."""
-        if all(self.keys[url] is None for url in urls):
+        """`read`, keeping only the selected folds' samples (all of them when no folds were selected) that
+        are not excluded."""
+        if all(self.keys[url] is None and not self.drop[url] for url in urls):
             yield from self.read(urls, skip_bad)
             return
         for url in urls:
-            keys = self.keys[url]
-            yield from (s for s in self.read([url], skip_bad) if keys is None or s["__key__"] in keys)
+            keys, drop = self.keys[url], self.drop[url]
+            yield from (
+                s
+                for s in self.read([url], skip_bad)
+                if (keys is None or s["__key__"] in keys) and s["__key__"] not in drop
+            )
 
     def _read_counted(self, urls: list[str], skip_bad: bool) -> Iterator[dict]:
         """`read`, counting the samples an unreadable rest of a shard cost (skip_bad skips it)."""
@@ -670,6 +701,7 @@ def train_loader(
     folds: Sequence[int] | None = None,
     fetch: sources.Fetch | None = None,
     decode: str = "workers",
+    exclude: Exclusion | None = None,
 ) -> ShardLoader:
     """Training `Batch`es, full batches only, `len()` equal on all ranks.
 
@@ -678,10 +710,11 @@ def train_loader(
     instead of failing; `max_batches` > 0 caps the epoch (smoke runs); `features` (picklable) turns each
     sample's JSON record into its metadata features (`Batch.meta`); `folds` reads only those folds of
     each folder's split (`lesionkit split`); `fetch` says how remote shards are fetched (retries, cache);
-    `decode="device"` yields `Encoded` batches for `pixels` to decode on the training device.
+    `decode="device"` yields `Encoded` batches for `pixels` to decode on the training device; `exclude`
+    leaves samples out by id (`data.exclusion`; the dedup list of `TrainConfig.exclude`).
     """
     _check_common(image_size, batch_size, workers, rank, world_size)
-    classes, shards = _shards(dirs, folds, fetch)
+    classes, shards = _shards(dirs, folds, fetch, exclude)
     slots = world_size * max(1, workers)
     if len(shards) < slots:
         total = sum(s.num_samples for s in shards)

@@ -8,12 +8,18 @@ manifest.json holds `format_version`, `classes`, `task`, `num_samples`, `counts`
 `lesionkit split` adds `split` (method, by, folds, seed, per-fold class `counts`, `fold_of`: sample id ->
 fold) and to every shard `fold_counts` (per fold, per class), so a reader that selects folds plans its
 batches from the manifest alone, exactly as without folds (`shard_selection`).
+
+`pack` also records each sample's perceptual hashes (`phash`: method, views, `of`: sample id -> the views'
+64-bit hashes in hex, space-separated), which `lesionkit dedup` and the trainer's duplicate check compare
+(`lesionkit.dedup`). A training run's `exclude` list leaves samples out by id (`Exclusion`): selections
+then count without them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from lesionkit import sources
@@ -53,6 +59,24 @@ def read_manifest(location: str | Path, fetch: sources.Fetch | None = None) -> d
     return manifest
 
 
+@dataclass(frozen=True)
+class Exclusion:
+    """Training samples left out by id (`TrainConfig.exclude`; `lesionkit dedup --exclude-out` writes such
+    lists): the ids, and where each one that exists was found (folder -> shard name -> ((id, class name),
+    ...)), so a selection counts its samples without them (`data.exclusion` finds them)."""
+
+    ids: frozenset
+    found: dict
+
+    def of(self, folder, shard: str) -> tuple:
+        """((id, class name), ...) of the excluded samples in `shard` of `folder`."""
+        return self.found.get(str(folder), {}).get(shard, ())
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for shards in self.found.values() for v in shards.values())
+
+
 def as_list(locations) -> list[str]:
     return [str(locations)] if isinstance(locations, (str, Path)) else [str(d) for d in locations]
 
@@ -71,25 +95,38 @@ def split_of(manifest: dict, location, folds=None) -> dict:
 
 
 def shard_selection(
-    manifest: dict, location, folds=None
+    manifest: dict, location, folds=None, exclude: Exclusion | None = None
 ) -> tuple[list[tuple[dict, int, dict]], frozenset | None]:
     """([(shard record, samples, counts per class)], ids of the selected samples): every shard whole when
-    `folds` is None, else only the samples of `folds` (None for the ids: keep every sample)."""
+    `folds` is None, else only the samples of `folds` (None for the ids: keep every sample). The counts
+    leave out the selected samples that `exclude` lists (the ids still hold them: drop them by id too)."""
     if folds is None:
-        return [(rec, int(rec["num_samples"]), rec.get("counts", {})) for rec in manifest["shards"]], None
-    split, folds = split_of(manifest, location, folds), {int(f) for f in folds}
-    picked = []
-    for rec in manifest["shards"]:
-        counts = {c: sum(int(rec["fold_counts"][f].get(c, 0)) for f in folds) for c in manifest["classes"]}
-        picked.append((rec, sum(counts.values()), counts))
-    return picked, frozenset(i for i, f in split["fold_of"].items() if f in folds)
+        picked = [(rec, int(rec["num_samples"]), dict(rec.get("counts", {}))) for rec in manifest["shards"]]
+        keys = None
+    else:
+        split, folds = split_of(manifest, location, folds), {int(f) for f in folds}
+        picked = []
+        for rec in manifest["shards"]:
+            counts = {
+                c: sum(int(rec["fold_counts"][f].get(c, 0)) for f in folds) for c in manifest["classes"]
+            }
+            picked.append((rec, sum(counts.values()), counts))
+        keys = frozenset(i for i, f in split["fold_of"].items() if f in folds)
+    if exclude is not None:
+        for k, (rec, n, counts) in enumerate(picked):
+            dropped = [c for i, c in exclude.of(location, rec["name"]) if keys is None or i in keys]
+            for c in dropped:
+                counts[c] = int(counts.get(c, 0)) - 1
+            picked[k] = (rec, n - len(dropped), counts)
+    return picked, keys
 
 
 def dataset_info(
-    locations, folds=None, fetch: sources.Fetch | None = None
+    locations, folds=None, fetch: sources.Fetch | None = None, exclude: Exclusion | None = None
 ) -> tuple[list[str], dict[str, int], int]:
     """(classes, counts per class, number of samples) over shard folders that share one class list; with
-    `folds`, of those folds of each folder's split only; `fetch` for remote folders."""
+    `folds`, of those folds of each folder's split only; without the samples `exclude` lists; `fetch` for
+    remote folders."""
     classes, counts, total, first = None, {}, 0, None
     for folder in as_list(locations):
         manifest = read_manifest(folder, fetch)
@@ -101,10 +138,11 @@ def dataset_info(
                 f"shard folders disagree on the classes: {first} has {classes}, "
                 f"{folder} has {manifest['classes']}"
             )
-        if folds is None:
+        if folds is None and exclude is None:
             picked = [(manifest["num_samples"], manifest.get("counts", {}))]
         else:
-            picked = [(n, shard_counts) for _, n, shard_counts in shard_selection(manifest, folder, folds)[0]]
+            selection = shard_selection(manifest, folder, folds, exclude)[0]
+            picked = [(n, shard_counts) for _, n, shard_counts in selection]
         for n, picked_counts in picked:
             for name, k in picked_counts.items():
                 counts[name] += int(k)

@@ -7,6 +7,9 @@ training size (shorter side = --size) so the loader never decodes a 12 MP JPEG.
 Why draft decoding: libjpeg can decode at 1/2, 1/4 or 1/8 scale straight from the DCT
 coefficients, which skips most of the work for 1-20 MP ISIC photos (see `lesionkit bench pack`).
 
+Each sample also gets its perceptual hashes (`dedup.image_hashes`, taken in the worker of the decoded image
+as stored), in its JSON record and in the manifest, for `lesionkit dedup` and the trainer's duplicate check.
+
 The output appears all at once or not at all: everything is written to a temp folder beside OUT
 (`atomic.staged_dir`) and renamed into place at the end; on any error or Ctrl-C it is removed.
 """
@@ -27,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from lesionkit import __version__, tasks
+from lesionkit import __version__, dedup, tasks
 from lesionkit.atomic import staged_dir
 from lesionkit.errors import UsageError
 from lesionkit.ingest import collect, name_some, summarize
@@ -47,8 +50,9 @@ class PackError(UsageError):
     """Packing failed on bad input; the message names the culprit and is meant for the user."""
 
 
-def encode_image(path: str | Path, size: int, quality: int, draft: bool = True) -> tuple[bytes, int, int]:
-    """One image -> (RGB JPEG bytes with shorter side == size, original width, original height).
+def encode_image(path: str | Path, size: int, quality: int, draft: bool = True, image: bool = False) -> tuple:
+    """One image -> (RGB JPEG bytes with shorter side == size, original width, original height), and with
+    `image` the RGB PIL image as stored (before the JPEG encode: what its perceptual hash is taken of).
 
     Width/height are as displayed (after EXIF orientation). A JPEG that already is RGB, upright
     and at the target size is stored as is: no second lossy encode. Raises on undecodable files.
@@ -68,23 +72,24 @@ def encode_image(path: str | Path, size: int, quality: int, draft: bool = True) 
     w, h = out.size
     target = (size, round(h * size / w)) if w <= h else (round(w * size / h), size)
     if fmt == "JPEG" and mode == "RGB" and orientation == 1 and (w, h) == target == (width, height):
-        return Path(path).read_bytes(), width, height
+        return (Path(path).read_bytes(), width, height) + ((out,) if image else ())
     if (w, h) != target:
         out = out.resize(target, Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=quality)
-    return buf.getvalue(), width, height
+    return (buf.getvalue(), width, height) + ((out,) if image else ())
 
 
 def _encode_chunk(tasks: list[tuple[str, str]], size: int, quality: int, draft: bool) -> list[tuple]:
-    """Worker: [(id, path)] -> [(id, jpeg, width, height, error)]; errors are returned, not raised,
-    so the parent decides (abort, or skip with --skip-bad) and names the file."""
+    """Worker: [(id, path)] -> [(id, jpeg, width, height, perceptual hashes, error)]; errors are returned,
+    not raised, so the parent decides (abort, or skip with --skip-bad) and names the file."""
     results = []
     for sample_id, path in tasks:
         try:
-            results.append((sample_id, *encode_image(path, size, quality, draft), None))
+            jpeg, width, height, stored = encode_image(path, size, quality, draft, image=True)
+            results.append((sample_id, jpeg, width, height, dedup.image_hashes(stored), None))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            results.append((sample_id, None, 0, 0, f"cannot decode {path}: {type(e).__name__}: {e}"))
+            results.append((sample_id, None, 0, 0, None, f"cannot decode {path}: {type(e).__name__}: {e}"))
     return results
 
 
@@ -96,7 +101,7 @@ def _worker_signals() -> None:
 
 
 def _encoded(tasks: list[tuple[str, str]], size: int, quality: int, draft: bool, workers: int):
-    """Yield (id, jpeg, w, h, error) in task order. At most 2 chunks per worker are in flight, so
+    """Yield (id, jpeg, w, h, hashes, error) in task order. At most 2 chunks per worker are in flight, so
     memory stays flat however many images there are (Pool.imap would buffer results unboundedly)."""
     chunks = [tasks[i : i + CHUNK] for i in range(0, len(tasks), CHUNK)]
     if workers <= 1:
@@ -133,9 +138,17 @@ def _header_problems(table) -> list[dict]:
 
 
 def _write_shards(
-    folder: Path, samples, classes: list[str], shard_size: int, skip_bad: bool, skipped: list[dict], progress
+    folder: Path,
+    samples,
+    classes: list[str],
+    shard_size: int,
+    skip_bad: bool,
+    skipped: list[dict],
+    progress,
+    hashes: dict[str, list[str]],
 ) -> list[dict]:
-    """Stream encoded samples into shard tars of `shard_size` samples; return the shard records."""
+    """Stream encoded samples into shard tars of `shard_size` samples; return the shard records. Each
+    written sample's perceptual hashes go into `hashes` (id -> hex per view) for the manifest."""
     import webdataset as wds  # imports torch: only here, after the worker pool has forked
 
     shards: list[dict] = []
@@ -148,7 +161,7 @@ def _write_shards(
         shards.append(record)
 
     try:
-        for sample_id, jpeg, width, height, error, label, meta, groups in samples:
+        for sample_id, jpeg, width, height, phash, error, label, meta, groups in samples:
             progress.update(1)
             if error is not None:
                 if not skip_bad:
@@ -170,7 +183,9 @@ def _write_shards(
                 "height": height,
                 "meta": meta,
                 "groups": groups,
+                "phash": phash,
             }
+            hashes[sample_id] = phash
             writer.write(
                 {
                     "__key__": sample_id,
@@ -276,7 +291,8 @@ def pack(
     with staged_dir(out) as tmp, contextlib.closing(encoded):  # closing stops the worker pool at once
         with tqdm(total=len(table), desc="pack", unit="img", disable=not progress) as bar:
             stream = ((*r, *labels_by_id[r[0]]) for r in encoded)
-            shards = _write_shards(tmp, stream, classes, shard_size, skip_bad, skipped, bar)
+            hashes: dict[str, list[str]] = {}
+            shards = _write_shards(tmp, stream, classes, shard_size, skip_bad, skipped, bar, hashes)
         if not shards:
             raise PackError(f"no samples left to pack ({len(skipped)} skipped)")
         counts = dict.fromkeys(classes, 0)
@@ -296,6 +312,7 @@ def pack(
             "counts": counts,
             "groups": summary["groups"],
             "metadata": summary["metadata"],
+            "phash": dedup.manifest_entry(hashes),
             "shards": shards,
             "params": {
                 "size": size,

@@ -45,6 +45,23 @@ HAM10000_DX = {
     "vasc": "VASC",
 }
 HAM10000_DX_2019 = {**HAM10000_DX, "akiec": None}
+# One image's labels in two releases (`lesionkit dedup`): the names of one diagnosis, or of one that holds the
+# other (ISIC 2017's seborrheic keratoses are part of 2018/2019's BKL, with 2020's solar lentigines and
+# lichenoid keratoses; 2018's AKIEC is 2019's AK + SCC), map to one family. ISIC 2020's `benign` (target 0)
+# agrees with every diagnosis but melanoma, `unknown` with every one.
+DIAGNOSIS_FAMILY = {
+    "MEL": MELANOMA,
+    MELANOMA: MELANOMA,
+    "NV": "nevus",
+    "nevus": "nevus",
+    "BKL": "BKL",
+    "seborrheic_keratosis": "BKL",
+    "solar_lentigo": "BKL",
+    "lichenoid_keratosis": "BKL",
+    "AKIEC": "AKIEC",
+    "AK": "AKIEC",
+    "SCC": "AKIEC",
+}
 
 MINIMIZED = ("loss", "nll", "brier", "ece")  # lower is better; every other metric is maximised
 SCALARS = ("accuracy", "balanced_accuracy", "auc_macro", "nll", "brier", "ece")  # of metrics.compute_metrics
@@ -214,6 +231,17 @@ TASKS: dict[str, Task] = {
         description="any class list; macro AUC",
     ),
 }
+
+
+def same_diagnosis(a: str, b: str) -> bool:
+    """Whether two class names can label one image (the same image in two datasets): equal, or of one
+    `DIAGNOSIS_FAMILY`, or one of them says less (`unknown`; `benign` against anything but melanoma)."""
+    family_a, family_b = DIAGNOSIS_FAMILY.get(a, a), DIAGNOSIS_FAMILY.get(b, b)
+    if family_a == family_b or "unknown" in (a, b):
+        return True
+    if "benign" in (a, b):
+        return MELANOMA not in (family_a, family_b)
+    return False
 
 
 def get_task(name: str) -> Task:

@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from lesionkit import checkpoint, devices, planning, runs, seeds, sources, tasks, tracking, weights
+from lesionkit import checkpoint, dedup, devices, planning, runs, seeds, sources, tasks, tracking, weights
 from lesionkit.augment import build_augment, build_mixup, choose_placement, preset_params
 from lesionkit.config import TrainConfig
-from lesionkit.data import eval_loader, pixels, train_loader
+from lesionkit.data import eval_loader, exclusion, pixels, train_loader
 from lesionkit.errors import ConfigError, RunError
 from lesionkit.inference import gather_predictions, predict_logits
-from lesionkit.manifest import dataset_info, read_manifest, split_of
+from lesionkit.manifest import Exclusion, dataset_info, read_manifest, split_of
 from lesionkit.metrics import softmax_views
 from lesionkit.models import (
     create_model,
@@ -120,6 +120,7 @@ class TrainContext:
     reporter: Reporter
     stop: StopRequest
     warmup_steps: int = 0  # batches of per-step LR warm-up (lr_warmup_epochs x batches per epoch)
+    exclusion: Exclusion | None = None  # training samples left out (`exclude`)
 
     @property
     def run_dir(self) -> Path:
@@ -192,6 +193,10 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
                     f"--{split} {d}: no manifest.json there (pack images with `lesionkit pack`)"
                 )
     fold_selection(cfg)
+    if cfg.exclude and not Path(cfg.exclude).is_file():
+        raise ConfigError(
+            f"--exclude {cfg.exclude}: no such file (write one with `lesionkit dedup --exclude-out`)"
+        )
     classes, _, _ = dataset_info(cfg.train)
     if cfg.val and dataset_info(cfg.val)[0] != classes:
         raise ConfigError(f"class sets differ: --train has {classes}, --val has {dataset_info(cfg.val)[0]}")
@@ -315,7 +320,8 @@ def build(
     train_folds, val_folds = fold_selection(cfg)
     workers, val_workers = agreed_workers(accelerator, plan)
     fetch = sources.Fetch(cache_dir=cfg.cache_dir or None, retries=cfg.fetch_retries)
-    classes, counts, _ = dataset_info(cfg.train, train_folds, fetch)
+    excluded = exclusion(cfg.train, dedup.read_exclusion(cfg.exclude), fetch) if cfg.exclude else None
+    classes, counts, _ = dataset_info(cfg.train, train_folds, fetch, excluded)
     task = tasks.for_manifest(read_manifest(cfg.train[0], fetch))
     monitor = monitor or task.monitor_for(cfg.monitor, classes)
 
@@ -368,6 +374,7 @@ def build(
         folds=train_folds,
         fetch=fetch,
         decode=cfg.decode,
+        exclude=excluded,
     )
     return TrainContext(
         cfg=cfg,
@@ -403,6 +410,7 @@ def build(
         reporter=Reporter(accelerator, cfg, task.table_columns(classes), monitor),
         stop=StopRequest(),
         warmup_steps=round(cfg.lr_warmup_epochs * len(loader)),
+        exclusion=excluded,
     )
 
 
@@ -607,10 +615,41 @@ def train(cfg: TrainConfig, monitor: tasks.Monitor | None = None, plan: planning
         ctx.stop.restore()
 
 
+def check_data(ctx: TrainContext) -> list[str]:
+    """The main process's lines about the data before the first epoch: the samples `exclude` leaves out,
+    and the validation samples that are duplicates of training images (`dedup.leak_warning`)."""
+    cfg, lines = ctx.cfg, []
+    ex = ctx.exclusion
+    train_folds, val_folds = fold_selection(cfg)
+    fetch = sources.Fetch(cache_dir=cfg.cache_dir or None, retries=cfg.fetch_retries)
+    if ex is not None:
+        left_out = dataset_info(cfg.train, train_folds, fetch)[2] - sum(ctx.counts.values())
+        missing = ex.ids - {i for shards in ex.found.values() for found in shards.values() for i, _ in found}
+        lines.append(
+            f"excluding {left_out} training sample(s) listed in {cfg.exclude}"
+            + (f" ({len(missing)} of its {len(ex.ids)} id(s) are not in --train)" if missing else "")
+        )
+    if cfg.val or cfg.fold != -1:
+        warning = dedup.leak_warning(
+            cfg.train,
+            cfg.val or cfg.train,
+            train_folds=train_folds,
+            val_folds=val_folds,
+            exclude=ex.ids if ex is not None else frozenset(),
+            fetch=fetch,
+        )
+        if warning:
+            lines.append(warning)
+    return lines
+
+
 def _loop(ctx: TrainContext) -> int:
     cfg, state, accelerator = ctx.cfg, ctx.state, ctx.accelerator
     if cfg.resume:
         resume(ctx)
+    if accelerator.is_main_process:
+        for line in check_data(ctx):
+            ctx.reporter.print(line)
     ctx.reporter.start(
         state,
         ctx.counts,
