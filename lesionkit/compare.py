@@ -8,7 +8,7 @@ the same validation images (`metrics.paired_bootstrap`: is the winner really bet
 draw?). Runs validated on other images cannot be paired, and the table says so.
 
 - Overrides: the config keys whose values differ between the runs compared (`output_dir`, `run_name`,
-  `resume` and `force` left out: they name a run, they do not change it).
+  `wandb_tags`, `resume` and `force` left out: they name or label a run, they do not change it).
 - Validation predictions: the trainer keeps only their metrics, so the best checkpoint is scored once
   on the run's validation data (`--val`, or fold K of `--train`) exactly as the trainer validated it
   (`evaluate.score`, its `val_tta`, temperature 1), and the predictions are cached in that checkpoint
@@ -40,7 +40,7 @@ from lesionkit.evaluate import predictions_frame, task_of
 from lesionkit.tasks import Monitor
 
 VAL_PREDICTIONS = "val_predictions.csv"  # in the best checkpoint folder
-NOT_OVERRIDES = ("output_dir", "run_name", "resume", "force")
+NOT_OVERRIDES = ("output_dir", "run_name", "wandb_tags", "resume", "force")
 OUTPUTS = ("compare.md", "compare.csv", "compare.png")
 
 

@@ -52,7 +52,9 @@ def dataset_facts(locations, fold: int = -1, held_out: bool = False) -> list[dic
             num, counts = m.get("num_samples"), m.get("counts", {})
             if fold >= 0:
                 k = split_of(m, loc, [fold])["folds"]
-                picked, _ = shard_selection(m, loc, [fold] if held_out else [f for f in range(k) if f != fold])
+                picked, _ = shard_selection(
+                    m, loc, [fold] if held_out else [f for f in range(k) if f != fold]
+                )
                 num = sum(n for _, n, _ in picked)
                 counts = {c: sum(int(pc.get(c, 0)) for _, _, pc in picked) for c in m["classes"]}
         except Exception as exc:  # noqa: BLE001 - the card says why, training goes on
@@ -95,7 +97,9 @@ def training_facts(cfg) -> dict:
     """The run's data (its manifests, which may be remote) and recipe."""
     return {
         "train": dataset_facts(cfg.train, cfg.fold),
-        "val": dataset_facts(cfg.val) if cfg.fold == -1 else dataset_facts(cfg.train, cfg.fold, held_out=True),
+        "val": dataset_facts(cfg.val)
+        if cfg.fold == -1
+        else dataset_facts(cfg.train, cfg.fold, held_out=True),
         "fold": cfg.fold,
         "recipe": {k: getattr(cfg, k) for k in RECIPE_FIELDS if getattr(cfg, k, "") != ""},
         "lesionkit_version": __version__,

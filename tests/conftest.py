@@ -111,6 +111,7 @@ def make_shards(
     return manifest
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     """Slurm and 2-process tests are slow too: `pytest -m "not slow"` leaves them out of the inner loop.
     The tests on the Slurm cluster share one (session fixture): under `-n 2 --dist loadgroup` (make test)

@@ -244,6 +244,7 @@ def test_a_job_array_runs_the_sweep_with_a_preempted_task_requeued_then_compare(
     assert run_command("compare", [str(out), "--bootstrap", "0", "--workers", "0"]) == 0
     table = pd.read_csv(out / "compare.csv")
     assert sorted(table["run"]) == ["adam-seed0", "adam-seed1", "sgd-seed0", "sgd-seed1"]
+    assert "wandb_tags" not in table.columns  # a label of the overrides, not one of them
     for row in table.to_dict("records"):
         optimizer, seed = row["run"].split("-seed")
         assert (row["optimizer"], row["seed"]) == (optimizer, int(seed))
