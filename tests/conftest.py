@@ -111,16 +111,11 @@ def make_shards(
     return manifest
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(items):
-    """Slurm and 2-process tests are slow too: `pytest -m "not slow"` leaves them out of the inner loop.
-    The tests on the Slurm cluster share one (session fixture): under `-n 2 --dist loadgroup` (make test)
-    they run on one worker, which alone starts it."""
+    """Slurm and 2-process tests are slow too: `pytest -m "not slow"` leaves them out of the inner loop."""
     for item in items:
         if item.get_closest_marker("slurm") or item.get_closest_marker("ddp"):
             item.add_marker(pytest.mark.slow)
-        if "cluster" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(scope="session")
@@ -142,7 +137,8 @@ def registry_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     """Two slurmd (lkn1, lkn2) on this host (tests/slurm/cluster.sh), one for the whole session (the Slurm
-    tests of test_slurm.py and test_sweep.py share it); torn down (by PID) after the session."""
+    tests of test_slurm.py and test_sweep.py share it); torn down (by PID) after the session. Under
+    `pytest -n 2` (make test) each worker that runs Slurm tests starts its own: free ports, its own folder."""
     d = tmp_path_factory.mktemp("slurm")
     up = subprocess.run(
         ["bash", str(CLUSTER), "up", "--dir", str(d), "--nodes", "2", "--cpus", "3"],
