@@ -17,9 +17,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from lesionkit import metafeatures
 from lesionkit.errors import UsageError
 from lesionkit.evaluate import task_of
 from lesionkit.inference import build_preprocess, load_checkpoint, predict_probs
+from lesionkit.ingest import name_some
 
 
 class Model:
@@ -35,6 +37,7 @@ class Model:
         self.image_size: int = int(self.info["image_size"])
         self.task = task_of(self.info)
         self.preprocess = build_preprocess(self.info, self.device)
+        self.meta = metafeatures.MetaSpec.from_info(self.info)  # None: an image-only model
 
     def __repr__(self) -> str:
         return f"lesionkit.Model({self.info['model']}, classes={self.classes}, checkpoint={self.checkpoint})"
@@ -43,26 +46,50 @@ class Model:
         """(keys, labels, probs [N, C]) for an iterable of `data.Batch` (shards or raw images)."""
         return predict_probs(self.module, batches, self.device, self.preprocess, tta, self.temperature)
 
-    def read(self, items: list[tuple[str, object]], batch_size=32, workers=0):
+    def features(self, keys: list[str], metadata) -> dict[str, list[float]] | None:
+        """id -> this model's metadata features, from `metadata` (id -> {age, sex, site}, e.g. from
+        `metafeatures.read_csv`); None for an image-only model. A model that takes metadata needs a row for
+        every image, and an image-only model takes none."""
+        if self.meta is None:
+            if metadata is not None:
+                raise UsageError(
+                    f"checkpoint {self.checkpoint} was trained on images only; it takes no metadata"
+                )
+            return None
+        if metadata is None:
+            raise UsageError(
+                f"checkpoint {self.checkpoint} was trained with metadata ({','.join(self.meta.fields)}): "
+                "give it per image (predict --metadata CSV)"
+            )
+        lacking = [k for k in keys if k not in metadata]
+        if lacking:
+            raise UsageError(f"no metadata for {len(lacking)} image(s): {name_some(lacking)}")
+        return {k: self.meta.encode(metadata[k]) for k in keys}
+
+    def read(self, items: list[tuple[str, object]], batch_size=32, workers=0, metadata=None):
         """Decoded `Batch`es of (id, path or file object) items, streamed; after the last one, every
-        unreadable file is named in one UsageError, so no result is used when any file is bad."""
+        unreadable file is named in one UsageError, so no result is used when any file is bad.
+        `metadata`: id -> {age, sex, site} for a model trained with metadata (see `features`)."""
         from lesionkit.predict import image_batches
 
         if not items:
             raise UsageError("no images to predict")
         if batch_size < 1 or workers < 0:
             raise UsageError("batch size must be >= 1 and workers >= 0")
+        features = self.features([k for k, _ in items], metadata)
         errors: list[str] = []
-        yield from image_batches(items, self.image_size, batch_size, workers, errors)
+        yield from image_batches(items, self.image_size, batch_size, workers, errors, features)
         if errors:
             shown = "\n  ".join(errors[:10]) + (
                 f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
             )
             raise UsageError(f"{len(errors)} file(s) are not readable images; nothing predicted:\n  {shown}")
 
-    def predict_items(self, items: list[tuple[str, object]], tta="none", batch_size=32, workers=0):
+    def predict_items(
+        self, items: list[tuple[str, object]], tta="none", batch_size=32, workers=0, metadata=None
+    ):
         """(keys, probs [N, C]) of (id, path or file object) items (see `read`)."""
-        keys, _, probs = self.predict_batches(self.read(items, batch_size, workers), tta)
+        keys, _, probs = self.predict_batches(self.read(items, batch_size, workers, metadata), tta)
         return keys, probs
 
     def predict(self, images, metadata=None, tta: str = "none", batch_size: int = 32):
@@ -71,12 +98,16 @@ class Model:
 
         `images`: a path (file or folder), a PIL image, a uint8 HxWx3 array or [3, H, W] tensor, a list of
         them, or a [N, H, W, 3] array / [N, 3, H, W] tensor.
-        `metadata` is for checkpoints trained on metadata features; the registry models use images only.
+        `metadata`, for a checkpoint trained with metadata: a CSV path (the release's metadata file works),
+        a mapping id -> {age, sex, site}, or for one image just its {age, sex, site}; a missing value is
+        None (the model was trained with missing values as their own category).
         """
-        if metadata is not None and not self.info.get("meta_features"):
-            raise UsageError(f"checkpoint {self.checkpoint} was trained on images only; it takes no metadata")
         single, items = image_items(images)
-        keys, probs = self.predict_items(items, tta, batch_size)
+        if isinstance(metadata, (str, Path)):
+            metadata = metafeatures.read_csv(metadata, self.meta) if self.meta else metadata
+        elif single and isinstance(metadata, dict) and set(metadata) <= set(metafeatures.FIELDS):
+            metadata = {items[0][0]: metadata}
+        keys, probs = self.predict_items(items, tta, batch_size, metadata=metadata)
         if single:
             return {c: float(p) for c, p in zip(self.classes, probs[0])}
         return pd.DataFrame(probs, index=pd.Index(keys, name="image_id"), columns=self.classes)

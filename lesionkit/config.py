@@ -158,11 +158,17 @@ class TrainConfig:
         "train on the other folds of --train's split (`lesionkit split`) and validate on this fold of the "
         "same folders, instead of --val (-1 = off)",
     )
-    # issue 15: de-duplication
+    # issue 15: de-duplication, metadata fusion
     exclude: str = opt(
         "",
         "file of training sample ids to leave out, one a line (`lesionkit dedup TRAIN --against VAL "
         "--exclude-out FILE`); ids match in every --train folder",
+    )
+    metadata: str = opt(
+        "",
+        "feed patient metadata beside the image, any of age,sex,site (comma-separated; read from the "
+        "shards, so pack with the metadata CSV): an MLP's embedding joins the CNN's pooled features "
+        "before the classifier; saved with the checkpoint, so evaluate/predict need no flag",
     )
     # issue 18: run folders that never lose work, W&B dashboards
     force: bool = opt(

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from lesionkit import tasks
+from lesionkit import metafeatures, tasks
 from lesionkit.atomic import staged_dir, write_json, write_text
 from lesionkit.data import eval_loader
 from lesionkit.errors import UsageError
 from lesionkit.inference import check_classes, gather_predictions, predict_logits
-from lesionkit.manifest import dataset_info
+from lesionkit.manifest import dataset_info, read_manifest
 
 THRESHOLDS_FILE = "thresholds.json"
 PLOTS = ("roc", "confusion", "reliability")
@@ -50,6 +50,9 @@ def score(
     gathered from all ranks on every rank; `fetch` (`sources.Fetch`) says how remote shards are fetched."""
     classes, _, num_samples = dataset_info(dirs, folds, fetch)
     check_classes(info, classes, ckpt, " ".join(map(str, dirs)))
+    meta = metafeatures.MetaSpec.from_info(info)
+    if meta is not None:  # a model trained with metadata reads it from these shards too
+        metafeatures.check_folders(meta, {d: read_manifest(d, fetch) for d in dirs}, flag=f"{ckpt} takes")
     loader = eval_loader(
         dirs,
         image_size=info["image_size"],
@@ -59,6 +62,7 @@ def score(
         world_size=accelerator.num_processes,
         folds=folds,
         fetch=fetch,
+        features=meta,
     )
     keys, labels, logits = predict_logits(
         model, loader, accelerator.device, preprocess, tta, autocast=accelerator.autocast

@@ -30,6 +30,7 @@ def class_activation_maps(model, images: torch.Tensor, targets: list[int]) -> np
 
     from lesionkit.models import cam_layer
 
+    _image_only(model)
     net = model.module
     layer = cam_layer(net, model.info["model"])
     out = []
@@ -40,6 +41,13 @@ def class_activation_maps(model, images: torch.Tensor, targets: list[int]) -> np
             out.append(np.asarray(cam(input_tensor=x, targets=wanted), dtype=np.float32))
     net.eval()
     return np.concatenate(out) if out else np.zeros((0, model.image_size, model.image_size), np.float32)
+
+
+def _image_only(model) -> None:
+    if model.meta is not None:
+        raise UsageError(
+            f"{model.checkpoint} takes metadata beside the image; Grad-CAM explains image-only models here"
+        )
 
 
 def overlay(image: torch.Tensor, cam: np.ndarray) -> np.ndarray:
@@ -132,6 +140,7 @@ def explain(checkpoint, images, out, classes=(), force: bool = False, device="cp
     if out.exists() and not force:
         raise UsageError(f"{out} exists; pass --force to replace it or choose another --out")
     model = api.load(checkpoint, device)
+    _image_only(model)
     unknown = [c for c in classes if c not in model.classes]
     if unknown:
         raise UsageError(f"--classes {unknown}: not classes of {checkpoint} ({', '.join(model.classes)})")

@@ -88,6 +88,11 @@ def export(checkpoint, fmt: str, out, images=None, n: int = 16, tol: float = TOL
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; name the file to write")
     model = api.load(checkpoint, "cpu")
+    if model.meta is not None:
+        raise UsageError(
+            f"{checkpoint} takes metadata ({','.join(model.meta.fields)}) beside the image; export handles "
+            "image-only models (a two-input graph is not built yet)"
+        )
     u8, source = parity_images(model, images, n)
     with torch.no_grad():
         x = model.preprocess(u8).contiguous()

@@ -23,6 +23,7 @@ from lesionkit import metrics as M
 from lesionkit.config import TTA_MODES, load_config
 from lesionkit.data import pixels
 from lesionkit.errors import UsageError
+from lesionkit.metafeatures import MetaSpec
 from lesionkit.models import create_model, forward
 
 TEMPERATURE_FILE = "temperature.json"
@@ -43,7 +44,10 @@ def load_checkpoint(path: str | Path, device="cpu"):
     try:
         info = json.loads((path / "info.json").read_text())
         cfg = load_config(path / "config.yaml")
-        model = create_model(cfg.model, num_classes=len(info["classes"]))
+        spec = MetaSpec.from_info(info)
+        model = create_model(
+            cfg.model, num_classes=len(info["classes"]), meta_features=spec.size if spec else 0
+        )
         model.load_state_dict(safe_load(path / "model.pt"))
     except CheckpointError:
         raise

@@ -194,6 +194,14 @@ def render(ckpt: Path) -> Path:
         f"- input: dermoscopy image, resized (shorter side) and centre-cropped to {info['image_size']} px, "
         f"normalised with mean {info['mean']} / std {info['std']}"
         + (", Shades-of-Gray colour constancy" if info.get("color_constancy") else ""),
+        *(
+            [
+                f"- and patient metadata: {', '.join(info['meta_features']['fields'])} (a missing value is "
+                "its own category; `predict --images` needs them per image: `--metadata CSV`)"
+            ]
+            if info.get("meta_features")
+            else []
+        ),
         f"- checkpoint: epoch {info.get('epoch', '–')}, monitor `{info.get('monitor', '–')}`",
         "",
         "## Training data",

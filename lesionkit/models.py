@@ -246,18 +246,60 @@ def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def create_model(
-    name: str, num_classes: int = 3, pretrained: bool = False, weights: str | Path | None = None
+    name: str,
+    num_classes: int = 3,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    meta_features: int = 0,
 ) -> nn.Module:
     """Build `name` with a `num_classes` head. `pretrained` loads ImageNet weights (torchvision's
     download, or the offline package for efficientnet_lite0); `weights` loads a local state dict
-    instead (a full model for this head, or a backbone whose mismatched head is skipped)."""
+    instead (a full model for this head, or a backbone whose mismatched head is skipped).
+    `meta_features` > 0: the model also takes that many metadata features per image (`MetaFusion`)."""
     build, _, _ = _entry(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     model = build(num_classes, pretrained and weights is None)
     if weights is not None:
         load_weights(model, weights)
-    return model
+    return MetaFusion(model, meta_features, num_classes) if meta_features else model
+
+
+class MetaFusion(nn.Module):
+    """A registry model that also reads per-image metadata features (`lesionkit.metafeatures`): a small MLP
+    embeds them, and the embedding is concatenated with the CNN's pooled features (the input of its
+    classifier, which this replaces) before one linear classifier, as in the ISIC 2019/2020 winners'
+    metadata models. Works for every registry model: each names its last Linear layer (`head_name`),
+    whose input is the pooled feature vector. `head_name` here is the whole fusion part, so a frozen
+    backbone (`freeze_epochs`) still trains the metadata MLP with the classifier."""
+
+    def __init__(self, backbone: nn.Module, meta_features: int, num_classes: int, hidden: int = 32):
+        super().__init__()
+        last = backbone.get_submodule(backbone.head_name)
+        if isinstance(last, nn.Sequential):  # CustomNet's dense head: its last Linear is the classifier
+            backbone.head_name = f"{backbone.head_name}.{len(last) - 1}"
+            last = last[-1]
+        _set_submodule(backbone, backbone.head_name, nn.Identity())
+        self.backbone = backbone
+        self.fusion = nn.ModuleDict(
+            {
+                "meta": nn.Sequential(
+                    nn.Linear(meta_features, hidden),
+                    nn.BatchNorm1d(hidden),
+                    nn.SiLU(),
+                    nn.Dropout(0.3),
+                    nn.Linear(hidden, hidden),
+                    nn.BatchNorm1d(hidden),
+                    nn.SiLU(),
+                ),
+                "classifier": nn.Linear(last.in_features + hidden, num_classes),
+            }
+        )
+        self.head_name = "fusion"
+
+    def forward(self, images: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        pooled = torch.flatten(self.backbone(images), 1)
+        return self.fusion["classifier"](torch.cat([pooled, self.fusion["meta"](meta.to(pooled.dtype))], 1))
 
 
 # --------------------------------------------------------------------------- weights files
@@ -350,6 +392,8 @@ def _stem_and_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]
         return [model.conv1, model.bn1], [model.layer1, model.layer2, model.layer3, model.layer4]
     if isinstance(model, CustomNet):
         return [], list(model.features)
+    if isinstance(model, MetaFusion):
+        return _stem_and_blocks(model.backbone)
     raise ValueError(f"freezing leading blocks is not supported for {type(model).__name__}")
 
 
@@ -378,5 +422,5 @@ def prepare_model(model: nn.Module, channels_last: bool = False, compile: bool =
 
 def forward(model: nn.Module, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
     """Run a registry model: on images alone, or on images plus per-sample metadata features (`Batch.meta`)
-    for a model built to take them. The one call the trainer and inference make."""
+    for a `MetaFusion` model. The one call the trainer and inference make."""
     return model(images) if meta is None else model(images, meta)

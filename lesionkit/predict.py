@@ -61,9 +61,18 @@ def list_images(folder: Path) -> list[tuple[str, Path]]:
     return sorted(found.items())
 
 
-def image_batches(items: list[tuple[str, Path]], size: int, batch_size: int, workers: int, errors: list[str]):
-    """`Batch`es (label -1) of raw images; unreadable files are appended to `errors`."""
+def image_batches(
+    items: list[tuple[str, Path]],
+    size: int,
+    batch_size: int,
+    workers: int,
+    errors: list[str],
+    features: dict[str, list[float]] | None = None,
+):
+    """`Batch`es (label -1) of raw images, with their metadata features when `features` (id -> vector) is
+    given; unreadable files are appended to `errors`."""
     loader = DataLoader(ImageFolder(items, size), batch_size=batch_size, num_workers=min(workers, len(items)))
     for images, keys, errs in loader:
         errors += [e for e in errs if e]
-        yield Batch(images, torch.full((len(keys),), -1), list(keys))
+        meta = None if features is None else torch.tensor([features[k] for k in keys], dtype=torch.float32)
+        yield Batch(images, torch.full((len(keys),), -1), list(keys), meta)

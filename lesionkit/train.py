@@ -35,7 +35,19 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from lesionkit import checkpoint, dedup, devices, planning, runs, seeds, sources, tasks, tracking, weights
+from lesionkit import (
+    checkpoint,
+    dedup,
+    devices,
+    metafeatures,
+    planning,
+    runs,
+    seeds,
+    sources,
+    tasks,
+    tracking,
+    weights,
+)
 from lesionkit.augment import build_augment, build_mixup, choose_placement, preset_params
 from lesionkit.config import TrainConfig
 from lesionkit.data import eval_loader, exclusion, pixels, train_loader
@@ -121,6 +133,7 @@ class TrainContext:
     stop: StopRequest
     warmup_steps: int = 0  # batches of per-step LR warm-up (lr_warmup_epochs x batches per epoch)
     exclusion: Exclusion | None = None  # training samples left out (`exclude`)
+    meta: metafeatures.MetaSpec | None = None  # the metadata features the model takes (`metadata`)
 
     @property
     def run_dir(self) -> Path:
@@ -197,6 +210,10 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
         raise ConfigError(
             f"--exclude {cfg.exclude}: no such file (write one with `lesionkit dedup --exclude-out`)"
         )
+    spec = metafeatures.parse(cfg.metadata)
+    if spec is not None:
+        folders = [*cfg.train, *cfg.val]
+        metafeatures.check_folders(spec, {d: read_manifest(d) for d in folders})
     classes, _, _ = dataset_info(cfg.train)
     if cfg.val and dataset_info(cfg.val)[0] != classes:
         raise ConfigError(f"class sets differ: --train has {classes}, --val has {dataset_info(cfg.val)[0]}")
@@ -324,11 +341,16 @@ def build(
     classes, counts, _ = dataset_info(cfg.train, train_folds, fetch, excluded)
     task = tasks.for_manifest(read_manifest(cfg.train[0], fetch))
     monitor = monitor or task.monitor_for(cfg.monitor, classes)
+    meta = metafeatures.parse(cfg.metadata)
 
     set_seed(cfg.seed)
     with accelerator.local_main_process_first():  # a download happens once per node; the others read it
         model = create_model(
-            cfg.model, num_classes=len(classes), pretrained=cfg.pretrained, weights=weights.resolve(cfg)
+            cfg.model,
+            num_classes=len(classes),
+            pretrained=cfg.pretrained,
+            weights=weights.resolve(cfg),
+            meta_features=meta.size if meta else 0,
         )
     if cfg.freeze_blocks:
         freeze_leading_blocks(model, cfg.freeze_blocks)
@@ -375,6 +397,7 @@ def build(
         fetch=fetch,
         decode=cfg.decode,
         exclude=excluded,
+        features=meta,
     )
     return TrainContext(
         cfg=cfg,
@@ -402,6 +425,7 @@ def build(
             folds=val_folds,
             fetch=fetch,
             decode=cfg.decode,
+            features=meta,
         )
         if cfg.val or val_folds
         else None,
@@ -411,6 +435,7 @@ def build(
         stop=StopRequest(),
         warmup_steps=round(cfg.lr_warmup_epochs * len(loader)),
         exclusion=excluded,
+        meta=meta,
     )
 
 
@@ -571,6 +596,7 @@ def save_checkpoint(ctx: TrainContext, metrics: dict, best: bool, val=None) -> N
                     "mean": list(mean),
                     "std": list(std),
                     "color_constancy": cfg.color_constancy,
+                    "meta_features": ctx.meta.to_info() if ctx.meta else None,
                     "epoch": state.epoch,
                     "step": state.step,
                     "monitor": ctx.monitor.name,

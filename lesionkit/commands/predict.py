@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lesionkit import api, tasks
+from lesionkit import api, metafeatures, tasks
 from lesionkit.atomic import write_text
 from lesionkit.config import TTA_MODES
 from lesionkit.data import eval_loader
 from lesionkit.ensemble import average, load_members, members_of
 from lesionkit.errors import UsageError
 from lesionkit.inference import check_classes
-from lesionkit.manifest import dataset_info
+from lesionkit.manifest import dataset_info, read_manifest
 
 # format -> the task whose submission layout it is (`isic-scoring`: an image column, one column per class)
 FORMATS = {name: name for name in tasks.TASKS if name != "custom"} | {"isic-scoring": "custom"}
@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="raw .jpg/.jpeg/.png images (any size): folder(s) and/or image files",
     )
     src.add_argument("--data", nargs="+", metavar="DIR", help="shard folder(s) written by `lesionkit pack`")
+    parser.add_argument(
+        "--metadata",
+        metavar="CSV",
+        help="with --images, for a checkpoint trained with metadata: age/sex/site per image id (the "
+        "release's metadata CSV works as is; a missing value is its own category); shards carry their own",
+    )
     parser.add_argument("--out", required=True, help="submission CSV to write")
     parser.add_argument(
         "--format",
@@ -77,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.metadata and not args.images:
+        raise UsageError("--metadata is for raw --images; shards carry their own metadata")
     if args.truth_out and not args.data:
         raise UsageError("--truth-out needs labelled shards (--data)")
     if args.batch_size < 1 or args.workers < 0:
@@ -84,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature is not None and args.temperature <= 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     models = load_members(args.checkpoint, args.device, args.temperature)
+    if args.metadata and all(m.meta is None for m in models.values()):
+        raise UsageError(f"--metadata {args.metadata}: the checkpoint(s) were trained on images only")
     model = next(iter(models.values()))  # all share its classes, so its task and format
     info, classes = model.info, model.classes
     fmt = args.format or next((f for f, name in FORMATS.items() if name == model.task.name), "isic-scoring")
@@ -116,9 +126,13 @@ def _predict(model, args: argparse.Namespace):
     between runs, and ensemble members are averaged image by image)."""
     if args.images:
         _, items = api.image_items(args.images)
-        keys, probs = model.predict_items(items, args.tta, args.batch_size, args.workers)
+        metadata = metafeatures.read_csv(args.metadata, model.meta) if args.metadata and model.meta else None
+        keys, probs = model.predict_items(items, args.tta, args.batch_size, args.workers, metadata)
         labels = None
     else:
+        if model.meta is not None:
+            manifests = {d: read_manifest(d) for d in args.data}
+            metafeatures.check_folders(model.meta, manifests, flag=f"{model.checkpoint} takes")
         batches = eval_loader(
             args.data,
             image_size=model.image_size,
@@ -126,6 +140,7 @@ def _predict(model, args: argparse.Namespace):
             workers=args.workers,
             rank=0,
             world_size=1,
+            features=model.meta,
         )
         keys, labels, probs = model.predict_batches(batches, args.tta)
     order = np.argsort(keys, kind="stable")
