@@ -7,6 +7,10 @@ time, images/s and parameter count; and the paired bootstrap of the best run aga
 the same validation images (`metrics.paired_bootstrap`: is the winner really better, or luck of the
 draw?). Runs validated on other images cannot be paired, and the table says so.
 
+A `lesionkit cv` folder is one row too: its pooled out-of-fold predictions are its validation images
+(every training image once), its time the sum over its folds; so recipes are chosen by cross-validation
+with the same paired test (two CVs of one split pair image by image).
+
 - Overrides: the config keys whose values differ between the runs compared (`output_dir`, `run_name`,
   `wandb_tags`, `resume` and `force` left out: they name or label a run, they do not change it).
 - Validation predictions: the trainer keeps only their metrics, so the best checkpoint is scored once
@@ -37,6 +41,7 @@ from lesionkit.checkpoint import trainer_state
 from lesionkit.config import TrainConfig, load_config
 from lesionkit.errors import UsageError
 from lesionkit.evaluate import predictions_frame, task_of
+from lesionkit.metafeatures import MetaSpec
 from lesionkit.tasks import Monitor
 
 VAL_PREDICTIONS = "val_predictions.csv"  # in the best checkpoint folder
@@ -51,6 +56,7 @@ class Run:
     info: dict  # best/info.json: classes, task, epoch, monitor, metrics
     loop: dict  # the trainer's loop state in last/: history, global_step
     record: dict  # the last entry of run.json: cwd, world_size
+    cv: bool = False  # a `lesionkit cv` folder: scored on its out-of-fold predictions
 
     @property
     def name(self) -> str:
@@ -62,7 +68,13 @@ class Run:
 
 
 def is_run(path: Path) -> bool:
-    return (path / "run.json").is_file() and (path / "config.yaml").is_file()
+    return (path / "run.json").is_file() and (path / "config.yaml").is_file() or is_cv(path)
+
+
+def is_cv(path: Path) -> bool:
+    from lesionkit.cv import CONFIG
+
+    return (path / "cv.json").is_file() and (path / CONFIG).is_file()
 
 
 def find_runs(paths) -> list[Path]:
@@ -82,6 +94,8 @@ def find_runs(paths) -> list[Path]:
 
 
 def load_run(path: Path) -> Run:
+    if is_cv(path):
+        return load_cv(path)
     if not (path / "best" / "info.json").is_file() or not (path / "last").exists():
         raise UsageError(f"{path}: no best checkpoint yet (best/info.json): it has not finished an epoch")
     return Run(
@@ -91,6 +105,20 @@ def load_run(path: Path) -> Run:
         trainer_state(path / "last")["loop"],
         json.loads((path / "run.json").read_text())["segments"][-1],
     )
+
+
+def load_cv(path: Path) -> Run:
+    """A finished `lesionkit cv` folder as one row: its config, its folds' histories and steps summed."""
+    from lesionkit.cv import CONFIG, fold_dir
+
+    summary = json.loads((path / "cv.json").read_text())
+    folds = [load_run(fold_dir(path, f["fold"])) for f in summary["folds"]]
+    info = {**folds[0].info, "epoch": "-", "metrics": summary["oof"]}
+    loop = {
+        "history": [row for run in folds for row in run.loop["history"]],
+        "global_step": sum(run.loop["global_step"] for run in folds),
+    }
+    return Run(path, load_config(path / CONFIG), info, loop, folds[0].record, cv=True)
 
 
 def same_task(runs: list[Run]):
@@ -131,6 +159,8 @@ def validation_predictions(run: Run, accelerator, batch_size: int, workers: int)
     from lesionkit.evaluate import score
 
     classes, cache = list(run.info["classes"]), run.best / VAL_PREDICTIONS
+    if run.cv:
+        cache = run.path / "oof_predictions.csv"
     if cache.is_file():
         df = pd.read_csv(cache, dtype={"image_id": str})
         return df["image_id"].tolist(), df["label"].to_numpy(), df[classes].to_numpy()
@@ -165,7 +195,9 @@ def evaluations(run: Run, monitor: str) -> dict[str, float | None]:
 def params(run: Run) -> int:
     from lesionkit.models import create_model
 
-    return sum(p.numel() for p in create_model(run.cfg.model, len(run.info["classes"])).parameters())
+    meta = MetaSpec.from_info(run.info)
+    model = create_model(run.cfg.model, len(run.info["classes"]), meta_features=meta.size if meta else 0)
+    return sum(p.numel() for p in model.parameters())
 
 
 def compare(
@@ -299,7 +331,8 @@ def markdown(table: pd.DataFrame, over: list[str], monitor: Monitor, bootstrap: 
     lines += [
         "",
         f"Sorted by the validation {monitor.name} ({order} first) of each run's best checkpoint on its "
-        f"validation images (val_n in compare.csv).{note} Images/s include validation time.",
+        f"validation images (val_n in compare.csv); a CV folder (best epoch -) by its pooled out-of-fold "
+        f"predictions.{note} Images/s include validation time.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -4,11 +4,13 @@ selects folds, `train --fold`, the monitor cases (bad name, loss minimised, ISIC
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import cpu_ddp, make_shards
@@ -18,6 +20,7 @@ from test_train import TINY, env
 
 from lesionkit.checkpoint import trainer_state
 from lesionkit.cli import run_command
+from lesionkit.compare import compare
 from lesionkit.data import eval_loader, train_loader
 from lesionkit.manifest import verify
 from lesionkit.tasks import ISIC2019_CLASSES
@@ -206,3 +209,16 @@ def test_cv_trains_each_fold_scores_out_of_fold_and_continues(split, tmp_path, c
     assert {f: (out / f"fold-{f}" / "last").resolve() for f in (0, 1)} == trained
     assert run_command("cv", [*argv, *tiny, "--lr", "0.5"]) == 2
     assert "holds a cross-validation run with another config (differs in lr)" in capsys.readouterr().err
+
+    # `compare` takes CV folders: one row each, scored on the pooled out-of-fold predictions and paired image
+    # by image; a planted CV whose predictions always miss the true class is the clear loser
+    worse = tmp_path / "cv-worse"
+    shutil.copytree(out, worse, symlinks=True)
+    planted = oof.copy()
+    planted[list(ISIC2019_CLASSES)] = np.eye(len(ISIC2019_CLASSES))[(y + 1) % len(ISIC2019_CLASSES)]
+    planted.to_csv(worse / "oof_predictions.csv", index=False)
+    table = compare([out, worse], out=tmp_path, bootstrap=300)[0]
+    assert list(table["run"]) == ["cv", "cv-worse"] and list(table["val_n"]) == [len(oof)] * 2
+    assert table["val"][0] == pytest.approx(summary["score"]) and table["val"][1] == 0.0
+    assert table["vs_best"][1] == "paired" and table["diff"][1] == pytest.approx(summary["score"])
+    assert table["p"][1] < 0.01 and table["best_epoch"][0] == "-"
