@@ -9,6 +9,7 @@ is the one `evaluate` and `predict` report for the same image.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from lesionkit.errors import UsageError
 from lesionkit.evaluate import task_of
 from lesionkit.inference import build_preprocess, load_checkpoint, predict_probs
 from lesionkit.ingest import name_some
+
+log = logging.getLogger(__name__)
 
 
 class Model:
@@ -64,6 +67,9 @@ class Model:
         lacking = [k for k in keys if k not in metadata]
         if lacking:
             raise UsageError(f"no metadata for {len(lacking)} image(s): {name_some(lacking)}")
+        odd = sorted({v for k in keys for v in self.meta.unknown(metadata[k])})
+        if odd:
+            log.warning("metadata values outside the model's vocabulary, read as missing: %s", name_some(odd))
         return {k: self.meta.encode(metadata[k]) for k in keys}
 
     def read(self, items: list[tuple[str, object]], batch_size=32, workers=0, metadata=None):

@@ -22,7 +22,7 @@ from lesionkit.atomic import staged_dir, write_json, write_text
 from lesionkit.data import eval_loader
 from lesionkit.errors import UsageError
 from lesionkit.inference import check_classes, gather_predictions, predict_logits
-from lesionkit.manifest import dataset_info, read_manifest
+from lesionkit.manifest import dataset_info
 
 THRESHOLDS_FILE = "thresholds.json"
 PLOTS = ("roc", "confusion", "reliability")
@@ -52,7 +52,7 @@ def score(
     check_classes(info, classes, ckpt, " ".join(map(str, dirs)))
     meta = metafeatures.MetaSpec.from_info(info)
     if meta is not None:  # a model trained with metadata reads it from these shards too
-        metafeatures.check_folders(meta, {d: read_manifest(d, fetch) for d in dirs}, flag=f"{ckpt} takes")
+        metafeatures.check_folders(meta, dirs, fetch, flag=f"{ckpt} takes")
     loader = eval_loader(
         dirs,
         image_size=info["image_size"],

@@ -85,7 +85,7 @@ class MetaSpec:
         return self.encode(record.get("meta") or {})
 
     def unknown(self, meta: Mapping) -> list[str]:
-        """Values present but outside the vocabulary (encoded as missing)."""
+        """Values present but outside the vocabulary (encoded as missing; `api.Model.features` warns)."""
         return [
             f"{f}={meta[f]!r}"
             for f, vocab in (("sex", SEXES), ("site", SITES))
@@ -113,11 +113,13 @@ def parse(text: str) -> MetaSpec | None:
     return MetaSpec(tuple(f for f in FIELDS if f in names))
 
 
-def check_folders(spec: MetaSpec, manifests: Mapping[str, dict], flag: str = "--metadata") -> None:
+def check_folders(spec: MetaSpec, folders, fetch=None, flag: str = "--metadata") -> None:
     """ConfigError naming the folder and field when a shard folder's manifest records no value at all for
     a field of `spec` (it was packed without that metadata: every sample would read as missing)."""
-    for folder, manifest in manifests.items():
-        summary = manifest.get("metadata") or {}
+    from lesionkit.manifest import read_manifest
+
+    for folder in folders:
+        summary = read_manifest(folder, fetch).get("metadata") or {}
         absent = [f for f in spec.fields if not (summary.get(f) or {}).get("present")]
         if absent:
             has = ", ".join(f for f in FIELDS if (summary.get(f) or {}).get("present")) or "none"

@@ -212,8 +212,7 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
         )
     spec = metafeatures.parse(cfg.metadata)
     if spec is not None:
-        folders = [*cfg.train, *cfg.val]
-        metafeatures.check_folders(spec, {d: read_manifest(d) for d in folders})
+        metafeatures.check_folders(spec, [*cfg.train, *cfg.val])
     classes, _, _ = dataset_info(cfg.train)
     if cfg.val and dataset_info(cfg.val)[0] != classes:
         raise ConfigError(f"class sets differ: --train has {classes}, --val has {dataset_info(cfg.val)[0]}")

@@ -30,7 +30,7 @@ from lesionkit.data import eval_loader
 from lesionkit.ensemble import average, load_members, members_of
 from lesionkit.errors import UsageError
 from lesionkit.inference import check_classes
-from lesionkit.manifest import dataset_info, read_manifest
+from lesionkit.manifest import dataset_info
 
 # format -> the task whose submission layout it is (`isic-scoring`: an image column, one column per class)
 FORMATS = {name: name for name in tasks.TASKS if name != "custom"} | {"isic-scoring": "custom"}
@@ -92,8 +92,11 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature is not None and args.temperature <= 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     models = load_members(args.checkpoint, args.device, args.temperature)
-    if args.metadata and all(m.meta is None for m in models.values()):
+    takes = [m.meta for m in models.values() if m.meta is not None]
+    if args.metadata and not takes:
         raise UsageError(f"--metadata {args.metadata}: the checkpoint(s) were trained on images only")
+    fields = ",".join(f for spec in takes for f in spec.fields)  # every member's, for the CSV check
+    metadata = metafeatures.read_csv(args.metadata, metafeatures.parse(fields)) if args.metadata else None
     model = next(iter(models.values()))  # all share its classes, so its task and format
     info, classes = model.info, model.classes
     fmt = args.format or next((f for f, name in FORMATS.items() if name == model.task.name), "isic-scoring")
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         data_classes, _, num_samples = dataset_info(args.data)
         check_classes(info, data_classes, args.checkpoint[0], " ".join(args.data))
     layout.submission_frame([], np.zeros((0, len(classes))), classes)  # format check before any work
-    scored = [_predict(member, args) for member in models.values()]
+    scored = [_predict(member, args, metadata) for member in models.values()]
     keys, labels = scored[0][:2]
     probs = average([p for _, _, p in scored], members_of(args.checkpoint, models))
     if args.data and len(keys) != num_samples:
@@ -121,18 +124,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(model, args: argparse.Namespace):
+def _predict(model, args: argparse.Namespace, metadata: dict | None):
     """(keys, labels or None, probs) of one checkpoint, sorted by key (the shard reader's order can vary
     between runs, and ensemble members are averaged image by image)."""
     if args.images:
         _, items = api.image_items(args.images)
-        metadata = metafeatures.read_csv(args.metadata, model.meta) if args.metadata and model.meta else None
+        metadata = metadata if model.meta is not None else None  # image-only members of an ensemble
         keys, probs = model.predict_items(items, args.tta, args.batch_size, args.workers, metadata)
         labels = None
     else:
         if model.meta is not None:
-            manifests = {d: read_manifest(d) for d in args.data}
-            metafeatures.check_folders(model.meta, manifests, flag=f"{model.checkpoint} takes")
+            metafeatures.check_folders(model.meta, args.data, flag=f"{model.checkpoint} takes")
         batches = eval_loader(
             args.data,
             image_size=model.image_size,
