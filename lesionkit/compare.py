@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lesionkit import labelmaps, sources
 from lesionkit import metrics as M
-from lesionkit import sources
 from lesionkit.atomic import replacing, write_text
 from lesionkit.checkpoint import trainer_state
 from lesionkit.config import TrainConfig, load_config
@@ -149,7 +149,7 @@ def validation_data(run: Run) -> tuple[list[str], list[int] | None]:
 
     cfg = dataclasses.replace(run.cfg, train=[located(p) for p in run.cfg.train])
     cfg = dataclasses.replace(cfg, val=[located(p) for p in cfg.val])
-    return (cfg.val or cfg.train), fold_selection(cfg)[1]
+    return labelmaps.validation_folders(cfg), fold_selection(cfg)[1]
 
 
 def validation_predictions(run: Run, accelerator, batch_size: int, workers: int):

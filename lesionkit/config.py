@@ -21,10 +21,10 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 TTA_MODES = ("none", "flips", "d4")  # test-time views (`lesionkit.inference.tta_views`)
 
 
-def opt(default, help: str, choices: tuple | None = None):
-    """A config field with its help text (and allowed values) for `lesionkit train --help`."""
+def opt(default, help: str, choices: tuple | None = None, metavar: str | None = None):
+    """A config field with its help text (and allowed values, its flag's metavar) for `train --help`."""
     kind = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**kind, metadata={"help": help, "choices": choices})
+    return field(**kind, metadata={"help": help, "choices": choices, "metavar": metavar})
 
 
 @dataclass
@@ -164,6 +164,18 @@ class TrainConfig:
         "file of training sample ids to leave out, one a line (`lesionkit dedup TRAIN --against VAL "
         "--exclude-out FILE`); ids match in every --train folder",
     )
+    label_maps: list[str] = opt(
+        list,
+        "one label map per --train folder (shipped name, e.g. isic2019_to_isic2017, or a YAML path; `none` "
+        "for a folder already in the validation classes): trains on several releases in one label space",
+        metavar="MAP",
+    )
+    source_weights: list[float] = opt(
+        list,
+        "one sampling weight per --train folder: each folder supplies that share of the training samples "
+        "(e.g. 1 0.5), so a big release does not drown a small one",
+        metavar="W",
+    )
     metadata: str = opt(
         "",
         "feed patient metadata beside the image, any of age,sex,site (comma-separated; read from the "
@@ -229,7 +241,8 @@ def _coerce(name: str, value, typ):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return [str(v) for v in value]
+        item = (typing.get_args(typ) or (str,))[0]
+        return [_coerce(name, v, item) for v in value]
     if origin is dict or typ is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
@@ -325,7 +338,7 @@ def add_config_flags(parser: argparse.ArgumentParser, recipe: bool = True) -> No
             parser.add_argument(flag, nargs="?", const=True, metavar="PATH", **kw)
             parser.add_argument(flag.replace("--", "--no-"), action="store_const", const=False, dest=f.name)
         elif typing.get_origin(typ) is list:
-            parser.add_argument(flag, nargs="+", metavar="DIR", **kw)
+            parser.add_argument(flag, nargs="+", metavar=f.metadata.get("metavar") or "DIR", **kw)
         elif typ is dict:
             parser.add_argument(flag, type=yaml.safe_load, metavar="YAML", **kw)
         else:

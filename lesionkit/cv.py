@@ -6,6 +6,9 @@ under any launcher: `accelerate launch ...`, so a fold can use DDP) into `OUT/fo
 of all folds, pooled, give the CV score: the task's official score with its bootstrap CI, beside each
 fold's own score. `last/` is scored by default: `best/` was chosen on that very fold, which flatters it.
 
+`--train EXTRA... --label-maps MAP...` (one map per folder) adds folders of other releases, mapped into
+DIR's classes, to every fold's training data, whole (`lesionkit.labelmaps`); validation stays on DIR's folds.
+
 A rerun of the same command continues: finished folds are kept, an interrupted one resumes from its
 `last/`, and scored folds are not scored again. A different config into the same OUT is refused.
 """
@@ -37,13 +40,23 @@ def fold_dir(out: Path, fold: int) -> Path:
 
 def _base_config(cfg: TrainConfig, data: str, out: Path) -> TrainConfig:
     """The config every fold trains with (its fold and run folder are given on the command line)."""
-    if cfg.train or cfg.val or cfg.fold != -1:
+    if cfg.val or cfg.fold != -1:
         raise UsageError(
-            "cv trains on the other folds of --data and validates on the held-out one: drop --train, "
-            "--val and --fold (--folds picks the folds to run)"
+            "cv trains on the other folds of --data and validates on the held-out one: drop --val and "
+            "--fold (--folds picks the folds to run)"
         )
+    if cfg.train and len(cfg.label_maps) != len(cfg.train):
+        raise UsageError(
+            f"cv --train adds {len(cfg.train)} folder(s) of other releases to every fold's training data: "
+            "give one --label-maps entry for each"
+        )
+    extra = [str(Path(d).absolute()) for d in cfg.train]
     return dataclasses.replace(
-        cfg, train=[str(Path(data).absolute())], output_dir=str(out.absolute()), resume=False
+        cfg,
+        train=[str(Path(data).absolute()), *extra],
+        label_maps=["none", *cfg.label_maps] if extra else [],
+        output_dir=str(out.absolute()),
+        resume=False,
     )
 
 

@@ -137,20 +137,25 @@ class _Shard:
     stored_size: int  # shorter side the images were packed at
     keys: frozenset | None = None  # ids of the selected folds' samples (None: every sample of the shard)
     drop: frozenset = frozenset()  # ids of its samples left out (`exclude`)
+    relabel: tuple[int, ...] | None = None  # label -> label in the merged classes, -1: left out (label maps)
+    source: int = 0  # index of its folder among the training folders (source weights)
 
 
 def _shards(
-    dirs, folds=None, fetch: sources.Fetch | None = None, exclude: Exclusion | None = None
+    dirs, folds=None, fetch: sources.Fetch | None = None, exclude: Exclusion | None = None, merge=None
 ) -> tuple[list[str], list[_Shard]]:
     """The shards to read; with `folds`, each counts only those folds' samples (the manifest's per-shard
     fold counts), so plans and quotas stay exact, and the stream drops the other samples by id; likewise
-    without the samples `exclude` lists. Each url is a `sources.Address` (what to expect, how to fetch it)."""
-    classes, _, _ = dataset_info(dirs, folds, fetch, exclude)
+    without the samples `exclude` lists. A `labelmaps.Merge` relabels its mapped folders (read whole) into
+    its classes. Each url is a `sources.Address` (what to expect, how to fetch it)."""
+    classes, _, _ = dataset_info(dirs, folds, fetch, exclude, merge)
     shards = []
-    for folder in as_list(dirs):
+    for source, folder in enumerate(as_list(dirs)):
         manifest = read_manifest(folder, fetch)
         stored = int(manifest.get("params", {}).get("size", 0))
-        picked, keys = shard_selection(manifest, folder, folds, exclude)
+        relabel = None if merge is None else merge.of(folder)
+        index = None if merge is None else merge.index(folder, manifest["classes"])
+        picked, keys = shard_selection(manifest, folder, None if relabel else folds, exclude, relabel)
         for rec, num_samples, shard_counts in picked:
             url = sources.shard(folder, rec, fetch)
             if not sources.is_remote(url) and not sources.exists(url):
@@ -158,7 +163,7 @@ def _shards(
             counts = tuple(int(shard_counts.get(c, 0)) for c in classes)
             if num_samples > 0:
                 drop = frozenset(i for i, _ in exclude.of(folder, rec["name"])) if exclude else frozenset()
-                shards.append(_Shard(url, num_samples, counts, stored, keys, drop))
+                shards.append(_Shard(url, num_samples, counts, stored, keys, drop, index, source))
     return classes, shards
 
 
@@ -431,6 +436,33 @@ def _cycle(
             raise CorruptDataError(f"no readable samples in shards {urls}")
 
 
+def _source_mix(holdings: list[list[int]], quotas: list[int], weights: list[float]) -> list[list[float]]:
+    """mix[slot][source]: the probability that loader slot `slot` draws its next sample from `source`, so
+    that all slots together (slot k yields quotas[k] batches) draw each source with the share
+    weights[s] / sum(weights). A slot can only draw the sources it holds shards of (`holdings[k][s]`
+    samples), so one factor per source is fitted (iterative proportional fitting) instead of giving every
+    slot the target shares: with few shards per source, many slots hold one source only."""
+    nsources, total = len(weights), sum(quotas) or 1
+    target = [w / sum(weights) for w in weights]
+    factor = [1.0 if w > 0 else 0.0 for w in weights]
+
+    def mix() -> list[list[float]]:
+        rows = []
+        for held in holdings:
+            raw = [factor[s] * held[s] for s in range(nsources)]
+            norm = sum(raw)
+            rows.append([r / norm if norm else 0.0 for r in raw])
+        return rows
+
+    for _ in range(200):
+        rows = mix()
+        got = [sum(q * row[s] for q, row in zip(quotas, rows)) / total for s in range(nsources)]
+        if max(abs(g - t) for g, t in zip(got, target)) < 1e-6:
+            break
+        factor = [f * t / g if g > 0 else f for f, t, g in zip(factor, target, got)]
+    return mix()
+
+
 def _weighted_mix(streams: list[Iterator], weights: list[float], rng: random.Random) -> Iterator:
     """wds.RandomMix with a seeded generator: the next sample comes from stream i with p ~ weights[i]."""
     cum = list(itertools.accumulate(weights))
@@ -463,6 +495,7 @@ class _Stream(IterableDataset):
         max_batches: int = 0,
         features: Callable[[dict], Sequence[float]] | None = None,
         decode: str = "workers",
+        source_weights: list[float] | None = None,
     ):
         super().__init__()
         self.shards, self.classes, self.train = shards, classes, train
@@ -475,6 +508,8 @@ class _Stream(IterableDataset):
         self.stored = {s.url: s.stored_size for s in shards}
         self.keys = {s.url: s.keys for s in shards}  # fold selection: the ids to keep per shard
         self.drop = {s.url: s.drop for s in shards}  # `exclude`: the ids to leave out per shard
+        self.relabel = {s.url: s.relabel for s in shards}  # label maps: label -> merged label (-1: out)
+        self.source_weights = source_weights
         # Samples skipped as corrupt, shared with the loader workers so the trainer can report the count.
         self.skipped = multiprocessing.Value("q", 0)
         loads = [
@@ -482,8 +517,8 @@ class _Stream(IterableDataset):
             for rank_slots in self.plan(epoch)
         ]
         if train:
-            self.num_batches, quotas = _quotas(loads, batch_size, max_batches)
-            self.quotas = quotas[rank]
+            self.num_batches, self.all_quotas = _quotas(loads, batch_size, max_batches)
+            self.quotas = self.all_quotas[rank]
         else:  # every sample once: each worker ends with its own partial batch
             self.quotas = [math.ceil(n / batch_size) for n in loads[rank]]
             self.num_batches = sum(self.quotas)
@@ -512,10 +547,12 @@ class _Stream(IterableDataset):
             yield from self._transformed(batches, (-1, 0, self.rank, worker))
             return
         rng = seeds.rng(seeds.SHUFFLE, self.seed, epoch, self.rank, worker)
-        if self.class_weights is None:
-            raw = _cycle(self._read_counted, urls, rng, self.skip_corrupt, self.shuffle_buffer)
-        else:
+        if self.class_weights is not None:
             raw = self._balanced(urls, rng)
+        elif self.source_weights is not None:
+            raw = self._by_source(epoch, worker, rng)
+        else:
+            raw = _cycle(self._read_counted, urls, rng, self.skip_corrupt, self.shuffle_buffer)
         batches = wds.batched(self.batch_size, collation_fn=_collate, partial=False)(
             self._decoded(raw, rng, urls)
         )
@@ -550,19 +587,51 @@ class _Stream(IterableDataset):
         ]
         return _weighted_mix(streams, [mix[c] for c in present], rng)
 
+    def _by_source(self, epoch: int, worker: int, rng: random.Random) -> Iterator[dict]:
+        """Per-source streams over this worker's shards, mixed so that all workers together draw each
+        training folder with its `source_weights` share (`_source_mix`): a small release is cycled, a
+        big one undersampled, and the epoch keeps its length."""
+        plan = self.plan(epoch)
+        nsources = len(self.source_weights)
+        slots = [slot for rank_slots in plan for slot in rank_slots]
+        holdings = [[0] * nsources for _ in slots]
+        for k, slot in enumerate(slots):
+            for i in slot:
+                holdings[k][self.shards[i].source] += self.shards[i].num_samples
+        quotas = [q for rank_quotas in self.all_quotas for q in rank_quotas]
+        mine = plan[self.rank][worker]
+        mix = _source_mix(holdings, quotas, self.source_weights)[self.rank * self.workers + worker]
+        present = [s for s in range(nsources) if mix[s] > 0]
+        buffer = max(1, self.shuffle_buffer // len(present))
+        streams = [
+            _cycle(
+                self._read_counted,
+                [self.shards[i].url for i in mine if self.shards[i].source == s],
+                random.Random(rng.random()),
+                self.skip_corrupt,
+                buffer,
+            )
+            for s in present
+        ]
+        return _weighted_mix(streams, [mix[s] for s in present], rng)
+
     def _selected(self, urls: list[str], skip_bad: bool = False) -> Iterator[dict]:
         """`read`, keeping only the selected folds' samples (all of them when no folds were selected) that
-        are not excluded."""
-        if all(self.keys[url] is None and not self.drop[url] for url in urls):
+        are not excluded, with labels mapped into the merged classes (`labelmaps`)."""
+        if all(self.keys[url] is None and not self.drop[url] and self.relabel[url] is None for url in urls):
             yield from self.read(urls, skip_bad)
             return
         for url in urls:
-            keys, drop = self.keys[url], self.drop[url]
-            yield from (
-                s
-                for s in self.read([url], skip_bad)
-                if (keys is None or s["__key__"] in keys) and s["__key__"] not in drop
-            )
+            keys, drop, relabel = self.keys[url], self.drop[url], self.relabel[url]
+            for s in self.read([url], skip_bad):
+                if (keys is not None and s["__key__"] not in keys) or s["__key__"] in drop:
+                    continue
+                if relabel is not None:
+                    label = relabel[_label(s)] if 0 <= _label(s) < len(relabel) else -1
+                    if label < 0:
+                        continue
+                    s = {**s, "cls": str(label).encode()}
+                yield s
 
     def _read_counted(self, urls: list[str], skip_bad: bool) -> Iterator[dict]:
         """`read`, counting the samples an unreadable rest of a shard cost (skip_bad skips it)."""
@@ -702,6 +771,8 @@ def train_loader(
     fetch: sources.Fetch | None = None,
     decode: str = "workers",
     exclude: Exclusion | None = None,
+    merge=None,
+    source_weights: Sequence[float] | None = None,
 ) -> ShardLoader:
     """Training `Batch`es, full batches only, `len()` equal on all ranks.
 
@@ -711,10 +782,21 @@ def train_loader(
     sample's JSON record into its metadata features (`Batch.meta`); `folds` reads only those folds of
     each folder's split (`lesionkit split`); `fetch` says how remote shards are fetched (retries, cache);
     `decode="device"` yields `Encoded` batches for `pixels` to decode on the training device; `exclude`
-    leaves samples out by id (`data.exclusion`; the dedup list of `TrainConfig.exclude`).
+    leaves samples out by id (`data.exclusion`; the dedup list of `TrainConfig.exclude`); `merge` (a
+    `labelmaps.Merge`) maps folders of other releases into one label space; `source_weights` (one per
+    folder, > 0) draws each folder with that share of the samples.
     """
     _check_common(image_size, batch_size, workers, rank, world_size)
-    classes, shards = _shards(dirs, folds, fetch, exclude)
+    classes, shards = _shards(dirs, folds, fetch, exclude, merge)
+    if source_weights is not None:
+        source_weights = [float(w) for w in source_weights]
+        if len(source_weights) != len(as_list(dirs)) or min(source_weights) <= 0:
+            raise UsageError(
+                f"source_weights {source_weights} must be {len(as_list(dirs))} positive numbers, one per "
+                f"training folder ({', '.join(as_list(dirs))})"
+            )
+        if balanced:
+            raise UsageError("balanced and source_weights both decide what is drawn: use one of them")
     slots = world_size * max(1, workers)
     if len(shards) < slots:
         total = sum(s.num_samples for s in shards)
@@ -750,6 +832,7 @@ def train_loader(
         max_batches=max_batches,
         features=features,
         decode=_checked_decode(decode),
+        source_weights=source_weights,
     )
     return ShardLoader(stream, workers, prefetch_factor)
 

@@ -421,28 +421,32 @@ def read_exclusion(path: str | os.PathLike) -> frozenset[str]:
 # -------------------------------------------------------------------------------------- the trainer's check
 
 
-def selection(folders, folds=None, drop: frozenset = frozenset(), fetch=None) -> Callable | None:
-    """`find`'s `keep` for the samples of `folds` of each folder's split (all when None) not in `drop`."""
+def selection(folders, folds=None, drop: frozenset = frozenset(), fetch=None, whole=()) -> Callable | None:
+    """`find`'s `keep` for the samples of `folds` of each folder's split (all when None; all of the folders
+    in `whole`) not in `drop`."""
     if folds is None and not drop:
         return None
     fold_of = {}
     if folds is not None:
         folds = {int(f) for f in folds}
         for folder in as_list(folders):
-            fold_of[folder] = split_of(read_manifest(folder, fetch), folder, folds)["fold_of"]
+            if folder not in whole:
+                fold_of[folder] = split_of(read_manifest(folder, fetch), folder, folds)["fold_of"]
 
     def keep(folder: str, sample_id: str) -> bool:
-        return sample_id not in drop and (folds is None or fold_of[folder].get(sample_id) in folds)
+        in_folds = folds is None or folder not in fold_of or fold_of[folder].get(sample_id) in folds
+        return sample_id not in drop and in_folds
 
     return keep
 
 
 def leak_warning(
-    train, val, *, train_folds=None, val_folds=None, exclude: frozenset = frozenset(), fetch=None
+    train, val, *, train_folds=None, val_folds=None, exclude: frozenset = frozenset(), fetch=None, whole=()
 ) -> str | None:
     """The trainer's one line at the start of a run: how many validation samples have a duplicate among the
-    training samples it reads (the selected folds, without the excluded ids), from the stored hashes and the
-    pixel check of the few candidates; a note when a folder has no stored hashes; None when all is well."""
+    training samples it reads (the selected folds, but all of the label-mapped folders in `whole`, without
+    the excluded ids), from the stored hashes and the pixel check of the few candidates; a note when a
+    folder has no stored hashes; None when all is well."""
     folders = dict.fromkeys([*as_list(train), *as_list(val)])
     missing = [f for f in folders if stored_hashes(read_manifest(f, fetch)) is None]
     if missing:
@@ -454,7 +458,7 @@ def leak_warning(
     result = find(
         train,
         val,
-        train_keep=selection(train, train_folds, exclude, fetch),
+        train_keep=selection(train, train_folds, exclude, fetch, whole),
         against_keep=selection(val, val_folds, fetch=fetch),
         fetch=fetch,
     )

@@ -95,11 +95,13 @@ def split_of(manifest: dict, location, folds=None) -> dict:
 
 
 def shard_selection(
-    manifest: dict, location, folds=None, exclude: Exclusion | None = None
+    manifest: dict, location, folds=None, exclude: Exclusion | None = None, relabel: dict | None = None
 ) -> tuple[list[tuple[dict, int, dict]], frozenset | None]:
     """([(shard record, samples, counts per class)], ids of the selected samples): every shard whole when
     `folds` is None, else only the samples of `folds` (None for the ids: keep every sample). The counts
-    leave out the selected samples that `exclude` lists (the ids still hold them: drop them by id too)."""
+    leave out the selected samples that `exclude` lists (the ids still hold them: drop them by id too).
+    `relabel` (class -> class or None, a `labelmaps.Merge` entry) counts in the mapped classes, without
+    the samples of classes mapped to None."""
     if folds is None:
         picked = [(rec, int(rec["num_samples"]), dict(rec.get("counts", {}))) for rec in manifest["shards"]]
         keys = None
@@ -118,18 +120,43 @@ def shard_selection(
             for c in dropped:
                 counts[c] = int(counts.get(c, 0)) - 1
             picked[k] = (rec, n - len(dropped), counts)
+    if relabel is not None:
+        for k, (rec, n, counts) in enumerate(picked):
+            mapped: dict[str, int] = {}
+            for c, m in counts.items():
+                if relabel[c] is None:
+                    n -= int(m)
+                else:
+                    mapped[relabel[c]] = mapped.get(relabel[c], 0) + int(m)
+            picked[k] = (rec, n, mapped)
     return picked, keys
 
 
 def dataset_info(
-    locations, folds=None, fetch: sources.Fetch | None = None, exclude: Exclusion | None = None
+    locations,
+    folds=None,
+    fetch: sources.Fetch | None = None,
+    exclude: Exclusion | None = None,
+    merge=None,
 ) -> tuple[list[str], dict[str, int], int]:
     """(classes, counts per class, number of samples) over shard folders that share one class list; with
     `folds`, of those folds of each folder's split only; without the samples `exclude` lists; `fetch` for
-    remote folders."""
+    remote folders. With a `labelmaps.Merge`, in its classes: a mapped folder is read whole (its folds
+    are not the validation data's) and counted in the classes it maps to."""
     classes, counts, total, first = None, {}, 0, None
+    if merge is not None:
+        classes, first = list(merge.classes), "the validation data"
+        counts = dict.fromkeys(classes, 0)
     for folder in as_list(locations):
         manifest = read_manifest(folder, fetch)
+        relabel = merge.of(folder) if merge is not None else None
+        if relabel is not None:
+            selection = shard_selection(manifest, folder, None, exclude, relabel)[0]
+            for _, n, picked_counts in selection:
+                for name, k in picked_counts.items():
+                    counts[name] += int(k)
+                total += int(n)
+            continue
         if classes is None:
             classes, first = list(manifest["classes"]), folder
             counts = dict.fromkeys(classes, 0)

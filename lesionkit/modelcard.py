@@ -95,15 +95,40 @@ def record_training(ckpt: Path, training: dict, task, classes, metrics: dict, va
 
 def training_facts(cfg) -> dict:
     """The run's data (its manifests, which may be remote) and recipe."""
+    from lesionkit import labelmaps
+
+    maps = labelmaps.mapped(cfg.train, cfg.label_maps)
+    train = [dataset_facts([d], -1 if d in maps else cfg.fold)[0] for d in cfg.train]
+    for ds in train:
+        if ds["location"] in maps and "counts" in ds:  # counted in the classes it was trained as
+            _mapped(ds, maps[ds["location"]])
     return {
-        "train": dataset_facts(cfg.train, cfg.fold),
+        "train": train,
         "val": dataset_facts(cfg.val)
         if cfg.fold == -1
-        else dataset_facts(cfg.train, cfg.fold, held_out=True),
+        else dataset_facts(labelmaps.validation_folders(cfg), cfg.fold, held_out=True),
         "fold": cfg.fold,
         "recipe": {k: getattr(cfg, k) for k in RECIPE_FIELDS if getattr(cfg, k, "") != ""},
         "lesionkit_version": __version__,
     }
+
+
+def _mapped(ds: dict, name: str) -> None:
+    """A `dataset_facts` entry of a --label-maps folder, counted in the classes its map gives it."""
+    from lesionkit import labelmaps
+
+    mapping, counts = labelmaps.load(name).classes, {}
+    for c, n in ds["counts"].items():
+        if mapping.get(c) is not None:
+            counts[mapping[c]] = counts.get(mapping[c], 0) + int(n)
+    left_out = int(ds["num_samples"]) - sum(counts.values())
+    ds.update(counts=counts, num_samples=sum(counts.values()), label_map=name, left_out=left_out)
+
+
+def _label_map_lines(ds: dict) -> list[str]:
+    if not ds.get("label_map"):
+        return []
+    return [f"  - label map `{ds['label_map']}`: {ds['left_out']} images of classes it maps to null left out"]
 
 
 def _backfilled(ckpt: Path) -> dict:
@@ -222,6 +247,7 @@ def render(ckpt: Path) -> Path:
                 f"- {role}: `{ds['location']}`: {ds.get('num_samples')} images "
                 f"({', '.join(f'{c} {n}' for c, n in counts.items())})",
                 f"  - sources: images `{src.get('images')}`, labels `{src.get('labels')}`",
+                *_label_map_lines(ds),
                 f"  - licence: {LICENCES.get(ds.get('task') or '', NO_LICENCE)}",
                 *_metadata_lines(ds.get("metadata") or {}),
             ]

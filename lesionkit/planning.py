@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from lesionkit import devices, profiles, weights
+from lesionkit import devices, labelmaps, profiles, weights
 from lesionkit.errors import UsageError
 from lesionkit.manifest import as_list, read_manifest, shard_selection
 
@@ -47,11 +47,12 @@ def cpus(env: Mapping[str, str] = os.environ) -> tuple[int, str]:
     return count, "CPU affinity"
 
 
-def count_shards(dirs, folds=None) -> tuple[int, int]:
-    """(shards holding samples, samples) over shard folders (of `folds` of their split, when given)."""
+def count_shards(dirs, folds=None, whole=()) -> tuple[int, int]:
+    """(shards holding samples, samples) over shard folders (of `folds` of their split, when given, except
+    for the folders in `whole`: label-mapped extra training data)."""
     shards = samples = 0
     for folder in as_list(dirs):
-        picked, _ = shard_selection(read_manifest(folder), folder, folds)
+        picked, _ = shard_selection(read_manifest(folder), folder, None if folder in whole else folds)
         shards += sum(1 for _, n, _ in picked if n > 0)
         samples += sum(n for _, n, _ in picked)
     return shards, samples
@@ -108,7 +109,7 @@ def make(
     launch = launch or Launch.from_env(env)
     device, note = devices.select(cfg.cpu, strict=strict, env=env)
     world = launch.world
-    train_shards, samples = count_shards(cfg.train, folds[0])
+    train_shards, samples = count_shards(cfg.train, folds[0], labelmaps.mapped(cfg.train, cfg.label_maps))
     if train_shards < world:
         size = max(1, samples // (world * max(1, cfg.workers)))
         raise UsageError(
@@ -130,7 +131,7 @@ def make(
     if workers < cfg.workers and train_shards // world == workers:
         better = max(1, samples // (world * cfg.workers))
         why += f"; --shard-size {better} would give every worker its shards"
-    val_shards = count_shards(cfg.val or cfg.train, folds[1])[0] if cfg.val or folds[1] else 0
+    val_shards = count_shards(labelmaps.validation_folders(cfg), folds[1])[0] if cfg.val or folds[1] else 0
     start = weights.resolve(cfg)  # a weights cache without the file fails here, naming the fetch command
     if start is None:
         start = (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lesionkit import modelcard, runs, tracking
+from lesionkit import labelmaps, modelcard, runs, tracking
 from lesionkit.atomic import write_json
 
 FIXED_COLUMNS = ("epoch", "train_loss", "val_loss")
@@ -197,7 +197,7 @@ class Reporter:
 
         cfg, size, found = self.cfg, min(THUMBNAIL, self.cfg.image_size), {}
         # what the trainer validates on: --val, or fold K of --train with --fold K
-        source, folds = (cfg.val, None) if cfg.val else (cfg.train, [cfg.fold])
+        source, folds = labelmaps.validation_folders(cfg), None if cfg.val else [cfg.fold]
         reader = eval_loader(
             source, image_size=size, batch_size=64, workers=0, rank=0, world_size=1, folds=folds
         )

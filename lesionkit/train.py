@@ -39,6 +39,7 @@ from lesionkit import (
     checkpoint,
     dedup,
     devices,
+    labelmaps,
     metafeatures,
     planning,
     runs,
@@ -134,6 +135,7 @@ class TrainContext:
     warmup_steps: int = 0  # batches of per-step LR warm-up (lr_warmup_epochs x batches per epoch)
     exclusion: Exclusion | None = None  # training samples left out (`exclude`)
     meta: metafeatures.MetaSpec | None = None  # the metadata features the model takes (`metadata`)
+    merge: labelmaps.Merge | None = None  # --train folders of other releases mapped into `classes`
 
     @property
     def run_dir(self) -> Path:
@@ -213,10 +215,21 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
     spec = metafeatures.parse(cfg.metadata)
     if spec is not None:
         metafeatures.check_folders(spec, [*cfg.train, *cfg.val])
-    classes, _, _ = dataset_info(cfg.train)
+    if cfg.source_weights and len(cfg.source_weights) != len(cfg.train):
+        raise ConfigError(
+            f"--source-weights gives {len(cfg.source_weights)} weight(s) for {len(cfg.train)} --train "
+            "folder(s)"
+        )
+    if cfg.source_weights and (cfg.balanced or min(cfg.source_weights) <= 0):
+        raise ConfigError("--source-weights must be positive, and cannot be combined with --balanced")
+    task, merge = label_space(cfg)
+    classes, _, _ = dataset_info(cfg.train, merge=merge)
     if cfg.val and dataset_info(cfg.val)[0] != classes:
-        raise ConfigError(f"class sets differ: --train has {classes}, --val has {dataset_info(cfg.val)[0]}")
-    monitor = tasks.for_manifest(read_manifest(cfg.train[0])).monitor_for(cfg.monitor, classes)
+        raise ConfigError(
+            f"class sets differ: --train has {classes}, --val has {dataset_info(cfg.val)[0]} (map --train "
+            f"folders of another release into the validation classes with --label-maps)"
+        )
+    monitor = task.monitor_for(cfg.monitor, classes)
     ckpt = runs.resume_checkpoint(cfg)
     if ckpt is not None:  # resuming into a run of another model or class set: say so now
         info = json.loads((ckpt / "info.json").read_text())
@@ -232,16 +245,41 @@ def check_config(cfg: TrainConfig) -> tasks.Monitor:
     return monitor
 
 
+def label_space(
+    cfg: TrainConfig, fetch: sources.Fetch | None = None
+) -> tuple[tasks.Task, labelmaps.Merge | None]:
+    """The task the run is judged by, and the merge of the --train folders into its classes (None without
+    --label-maps): the validation data (--val, or the unmapped --train folders with --fold) decides when
+    folders are mapped, the training data when not."""
+    if not labelmaps.mapped(cfg.train, cfg.label_maps):
+        return tasks.for_manifest(read_manifest(cfg.train[0], fetch)), None
+    judged = labelmaps.validation_folders(cfg)
+    if not judged or not (cfg.val or cfg.fold != -1):
+        raise ConfigError(
+            "--label-maps maps --train folders into the classes of the validation data: give --val, or "
+            "--fold K with the release to validate on among --train under `none`"
+        )
+    merge = labelmaps.merge(cfg.train, cfg.label_maps, dataset_info(judged, fetch=fetch)[0], fetch)
+    return tasks.for_manifest(read_manifest(judged[0], fetch)), merge
+
+
 def fold_selection(cfg: TrainConfig) -> tuple[list[int] | None, list[int] | None]:
     """(training folds, validation folds) of `--fold K`: every other fold of each --train folder's split,
-    and fold K of the same folders; (None, None) without --fold."""
+    and fold K of the same folders (label-mapped folders are read whole: `labelmaps.validation_folders`);
+    (None, None) without --fold."""
     if cfg.fold == -1:
         return None, None
     if cfg.fold < -1:
         raise ConfigError(f"fold must be >= 0 (or -1 = off), got {cfg.fold}")
     if cfg.val:
         raise ConfigError(f"--fold {cfg.fold} validates on fold {cfg.fold} of --train: drop --val")
-    counts = {d: split_of(read_manifest(d), d, [cfg.fold])["folds"] for d in cfg.train}
+    counts = {
+        d: split_of(read_manifest(d), d, [cfg.fold])["folds"] for d in labelmaps.validation_folders(cfg)
+    }
+    if not counts:
+        raise ConfigError(
+            f"--fold {cfg.fold}: every --train folder has a label map; which one to validate on?"
+        )
     if len(set(counts.values())) > 1:
         raise ConfigError(f"--train folders have different numbers of folds: {counts}")
     k = next(iter(counts.values()))
@@ -337,8 +375,8 @@ def build(
     workers, val_workers = agreed_workers(accelerator, plan)
     fetch = sources.Fetch(cache_dir=cfg.cache_dir or None, retries=cfg.fetch_retries)
     excluded = exclusion(cfg.train, dedup.read_exclusion(cfg.exclude), fetch) if cfg.exclude else None
-    classes, counts, _ = dataset_info(cfg.train, train_folds, fetch, excluded)
-    task = tasks.for_manifest(read_manifest(cfg.train[0], fetch))
+    task, merge = label_space(cfg, fetch)
+    classes, counts, _ = dataset_info(cfg.train, train_folds, fetch, excluded, merge)
     monitor = monitor or task.monitor_for(cfg.monitor, classes)
     meta = metafeatures.parse(cfg.metadata)
 
@@ -397,6 +435,8 @@ def build(
         decode=cfg.decode,
         exclude=excluded,
         features=meta,
+        merge=merge,
+        source_weights=cfg.source_weights or None,
     )
     return TrainContext(
         cfg=cfg,
@@ -415,7 +455,7 @@ def build(
         class_weights=class_weight_tensor(counts, classes).to(device) if cfg.class_weights else None,
         train_loader=loader,
         val_loader=eval_loader(
-            cfg.val or cfg.train,
+            labelmaps.validation_folders(cfg),
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
             workers=val_workers,
@@ -435,6 +475,7 @@ def build(
         warmup_steps=round(cfg.lr_warmup_epochs * len(loader)),
         exclusion=excluded,
         meta=meta,
+        merge=merge,
     )
 
 
@@ -648,18 +689,21 @@ def check_data(ctx: TrainContext) -> list[str]:
     train_folds, val_folds = fold_selection(cfg)
     fetch = sources.Fetch(cache_dir=cfg.cache_dir or None, retries=cfg.fetch_retries)
     if ex is not None:
-        left_out = dataset_info(cfg.train, train_folds, fetch)[2] - sum(ctx.counts.values())
+        left_out = dataset_info(cfg.train, train_folds, fetch, merge=ctx.merge)[2] - sum(ctx.counts.values())
         missing = ex.ids - {i for shards in ex.found.values() for found in shards.values() for i, _ in found}
         lines.append(
             f"excluding {left_out} training sample(s) listed in {cfg.exclude}"
             + (f" ({len(missing)} of its {len(ex.ids)} id(s) are not in --train)" if missing else "")
         )
+    if ctx.merge is not None:
+        lines += labelmaps.summary(ctx.merge, fetch)
     if cfg.val or cfg.fold != -1:
         warning = dedup.leak_warning(
             cfg.train,
-            cfg.val or cfg.train,
+            labelmaps.validation_folders(cfg),
             train_folds=train_folds,
             val_folds=val_folds,
+            whole=labelmaps.mapped(cfg.train, cfg.label_maps),
             exclude=ex.ids if ex is not None else frozenset(),
             fetch=fetch,
         )

@@ -1,5 +1,6 @@
 """`lesionkit cv --config RECIPE --data DIR --output-dir OUT`: every fold of DIR's split trained with the
-recipe (all `train` flags apply) and the out-of-fold predictions scored (`lesionkit.cv`)."""
+recipe (all `train` flags apply) and the out-of-fold predictions scored (`lesionkit.cv`). `--train EXTRA...
+--label-maps MAP...` adds label-mapped folders of other releases to every fold's training data."""
 
 from __future__ import annotations
 
