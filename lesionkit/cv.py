@@ -6,6 +6,10 @@ under any launcher: `accelerate launch ...`, so a fold can use DDP) into `OUT/fo
 of all folds, pooled, give the CV score: the task's official score with its bootstrap CI, beside each
 fold's own score. `last/` is scored by default: `best/` was chosen on that very fold, which flatters it.
 
+`--holdout DIR...` also scores the mean of the fold models on a split none of them trained on (ISIC 2017's
+validation split), into `OUT/eval-<name>`: the second judge of model selection beside the CV score
+(`compare` shows it as a column).
+
 `--train EXTRA... --label-maps MAP...` (one map per folder) adds folders of other releases, mapped into
 DIR's classes, to every fold's training data, whole (`lesionkit.labelmaps`); validation stays on DIR's folds.
 
@@ -28,7 +32,7 @@ from lesionkit import tasks
 from lesionkit.atomic import write_json, write_text
 from lesionkit.config import TrainConfig, load_config, to_yaml
 from lesionkit.errors import RunError, UsageError
-from lesionkit.manifest import read_manifest, split_of
+from lesionkit.manifest import dataset_info, read_manifest, split_of
 
 CONFIG = "cv-config.yaml"
 SELECT = ("last", "best")
@@ -87,6 +91,10 @@ def _run(cmd: list[str], what: str) -> None:
         raise RunError(f"{what} failed (exit {code}); fix the cause and rerun the same command to continue")
 
 
+def holdout_dir(out: Path, holdout) -> Path:
+    return out / f"eval-{Path(str(holdout[0]).rstrip('/')).name}"
+
+
 def _scored(run: Path, ckpt: Path, tta: str) -> bool:
     metrics = run / "oof" / "metrics.json"
     if not metrics.is_file():
@@ -103,9 +111,11 @@ def cross_validate(
     select: str = "last",
     bootstrap: int = 1000,
     seed: int = 0,
+    holdout: list[str] | None = None,
 ) -> dict:
     """Train and score `folds` (default: all) of `data`'s split with `cfg`; write OUT/cv.json and
-    OUT/oof_predictions.csv (OUT = cfg.output_dir) and return the summary."""
+    OUT/oof_predictions.csv (OUT = cfg.output_dir) and return the summary; with `holdout`, also the
+    mean of the fold models' probabilities on those shard folders (`lesionkit ensemble`)."""
     from lesionkit import train as train_module
 
     if not cfg.output_dir:  # a train run without one gets a new folder; a cv run is continued through it
@@ -117,6 +127,11 @@ def cross_validate(
     folds = sorted({int(f) for f in folds}) if folds else list(range(split["folds"]))
     if select not in SELECT:
         raise UsageError(f"--select {select!r}: choose one of {', '.join(SELECT)}")
+    if holdout and dataset_info(holdout)[0] != list(manifest["classes"]):
+        raise UsageError(
+            f"--holdout {' '.join(holdout)} has the classes {dataset_info(holdout)[0]}, --data "
+            f"{manifest['classes']}"
+        )
     for fold in folds:  # every bad flag, monitor or fold fails now, before hours of training
         train_module.check_config(dataclasses.replace(cfg, fold=fold, output_dir=str(fold_dir(out, fold))))
     config = _check_or_write_config(cfg, out)
@@ -148,7 +163,30 @@ def cross_validate(
                 + ["--workers", str(cfg.workers), "--batch-size", str(cfg.batch_size)],
                 f"fold {fold}: score {select}/ on the held-out fold",
             )
-    return score_out_of_fold(out, folds, task, manifest["classes"], select, bootstrap, seed, split)
+    if holdout:
+        members = [str((fold_dir(out, f) / select).resolve()) for f in folds]
+        target = holdout_dir(out, holdout)
+        done = target / "metrics.json"
+        if not (done.is_file() and json.loads(done.read_text()).get("members") == members):
+            _run(
+                [sys.executable, "-m", "lesionkit.cli", "ensemble", *members, "--data", *holdout]
+                + ["--out", str(target), "--tta", cfg.val_tta, "--bootstrap", str(bootstrap)]
+                + ["--seed", str(seed), "--workers", str(cfg.workers), "--batch-size", str(cfg.batch_size)],
+                f"holdout: the mean of the {len(members)} fold models on {' '.join(holdout)}",
+            )
+    summary = score_out_of_fold(out, folds, task, manifest["classes"], select, bootstrap, seed, split)
+    if holdout:
+        m = json.loads((holdout_dir(out, holdout) / "metrics.json").read_text())
+        summary["holdout"] = {
+            "data": list(holdout),
+            "n": m["n"],
+            "score": m.get(task.score),
+            "score_ci": (m.get("ci") or {}).get(task.score),
+            "members": m["members"],
+            "folder": str(holdout_dir(out, holdout)),
+        }
+        write_json(out / "cv.json", summary)
+    return summary
 
 
 def score_out_of_fold(out: Path, folds, task, classes, select, bootstrap, seed, split) -> dict:
@@ -204,4 +242,13 @@ def report(summary: dict, out: Path) -> str:
         + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
         + f" over {summary['oof']['n']} samples ({summary['select']}/ of each fold){spread} -> {out}/cv.json"
     )
+    held = summary.get("holdout")
+    if held:
+        ci = held["score_ci"]
+        lines.append(
+            f"lesionkit cv: holdout {name} {held['score']:.4f}"
+            + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+            + f" on {held['n']} samples of {' '.join(held['data'])} (mean of the {len(held['members'])} "
+            f"fold models) -> {held['folder']}"
+        )
     return "\n".join(lines)

@@ -189,9 +189,16 @@ def test_monitor_loss_keeps_the_lowest_loss_as_best(split, tmp_path):
 def test_cv_trains_each_fold_scores_out_of_fold_and_continues(split, tmp_path, capsys):
     out = tmp_path / "cv"
     argv = ["--data", str(split["2019"]), "--output-dir", str(out), "--folds", "0", "1", "--bootstrap", "300"]
+    argv += ["--holdout", str(split["2019"])]  # the fold models' mean on a split (here: all of the images)
     tiny = [*TINY, "--epochs", "1", "--max-steps-per-epoch", "2"]
     assert run_command("cv", [*argv, *tiny]) == 0
     summary = json.loads((out / "cv.json").read_text())
+    held = pd.read_csv(out / "eval-isic2019" / "predictions.csv")
+    assert summary["holdout"]["n"] == len(held) == len(manifest(split["2019"])["split"]["fold_of"])
+    assert summary["holdout"]["members"] == [str((out / f"fold-{f}" / "last").resolve()) for f in (0, 1)]
+    assert summary["holdout"]["score"] == pytest.approx(
+        skm.balanced_accuracy_score(held["label"], held[list(ISIC2019_CLASSES)].to_numpy().argmax(1))
+    )
     oof = pd.read_csv(out / "oof_predictions.csv")
     fold_of = manifest(split["2019"])["split"]["fold_of"]
     assert Counter(oof["image_id"]) == Counter(i for i, f in fold_of.items() if f in (0, 1))
@@ -201,11 +208,13 @@ def test_cv_trains_each_fold_scores_out_of_fold_and_continues(split, tmp_path, c
     assert summary["score"] == pytest.approx(skm.balanced_accuracy_score(y, p.argmax(1)))
     lo, hi = summary["score_ci"]
     assert lo <= summary["score"] <= hi and [f["fold"] for f in summary["folds"]] == [0, 1]
-    assert f"out-of-fold balanced_accuracy {summary['score']:.4f}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"out-of-fold balanced_accuracy {summary['score']:.4f}" in printed
+    assert f"lesionkit cv: holdout balanced_accuracy {summary['holdout']['score']:.4f}" in printed
 
     trained = {f: (out / f"fold-{f}" / "last").resolve() for f in (0, 1)}
     assert run_command("cv", [*argv, *tiny]) == 0  # a rerun continues: nothing is trained or scored again
-    assert "fold 0: train" not in capsys.readouterr().out
+    assert "fold 0: train" not in (printed := capsys.readouterr().out) and "holdout: the mean" not in printed
     assert {f: (out / f"fold-{f}" / "last").resolve() for f in (0, 1)} == trained
     assert run_command("cv", [*argv, *tiny, "--lr", "0.5"]) == 2
     assert "holds a cross-validation run with another config (differs in lr)" in capsys.readouterr().err
@@ -222,3 +231,4 @@ def test_cv_trains_each_fold_scores_out_of_fold_and_continues(split, tmp_path, c
     assert table["val"][0] == pytest.approx(summary["score"]) and table["val"][1] == 0.0
     assert table["vs_best"][1] == "paired" and table["diff"][1] == pytest.approx(summary["score"])
     assert table["p"][1] < 0.01 and table["best_epoch"][0] == "-"
+    assert table["eval-isic2019 balanced_accuracy"][0] == pytest.approx(summary["holdout"]["score"])

@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="last",
         help="checkpoint of each fold to score: last (default; unbiased) or best (chosen on that same fold)",
     )
+    parser.add_argument(
+        "--holdout",
+        nargs="+",
+        metavar="DIR",
+        help="also score the mean of the fold models on these shard folders (a split no fold trained on, "
+        "e.g. ISIC 2017's validation split): the second judge of model selection",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the CI (0 = off)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="bootstrap seed")
     add_config_flags(parser)
@@ -49,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         select=args.select,
         bootstrap=args.bootstrap,
         seed=args.bootstrap_seed,
+        holdout=args.holdout,
     )
     print(report(summary, Path(cfg.output_dir)))
     return 0
