@@ -216,8 +216,11 @@ def slurm() -> dict | None:
 
 
 def data_summary(cfg: TrainConfig) -> dict:
-    """Each shard folder of the run: name, path, samples and class counts (from its manifest)."""
-    out = {}
+    """Each shard folder of the run: name, path, samples and class counts (from its manifest), and the
+    label map of a mapped training folder."""
+    from lesionkit.labelmaps import mapped
+
+    out, maps = {}, mapped(cfg.train, cfg.label_maps)
     for split in ("train", "val"):
         out[split] = []
         for folder in getattr(cfg, split):
@@ -228,6 +231,7 @@ def data_summary(cfg: TrainConfig) -> dict:
                     "path": str(folder),
                     "samples": int(manifest["num_samples"]),
                     "counts": manifest.get("counts", {}),
+                    **({"label_map": maps[folder]} if split == "train" and folder in maps else {}),
                 }
             )
     return out

@@ -227,6 +227,8 @@ def test_a_merged_run_trains_in_the_validation_classes_and_records_its_maps(real
     assert info["classes"] == list(tasks.ISIC2017_CLASSES) and info["task"] == "isic2017"
     config = yaml.safe_load((out / "best" / "config.yaml").read_text())
     assert config["label_maps"] == ["none", "isic2019_to_isic2017"] and config["source_weights"] == [1.0, 0.5]
+    record = json.loads((out / "run.json").read_text())["segments"][0]["data"]["train"]
+    assert [d.get("label_map") for d in record] == [None, "isic2019_to_isic2017"]
     card = (out / "best" / "MODEL_CARD.md").read_text()
     assert "label map `isic2019_to_isic2017`" in card
 
