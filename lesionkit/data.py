@@ -797,6 +797,9 @@ def train_loader(
             )
         if balanced:
             raise UsageError("balanced and source_weights both decide what is drawn: use one of them")
+        empty = [d for i, d in enumerate(as_list(dirs)) if not any(s.source == i for s in shards)]
+        if empty:
+            raise UsageError(f"source_weights: {', '.join(empty)} has no training samples to draw")
     slots = world_size * max(1, workers)
     if len(shards) < slots:
         total = sum(s.num_samples for s in shards)
