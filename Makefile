@@ -34,8 +34,10 @@ slurm:
 	@bash .ci/install-slurm.sh
 
 # Two pytest workers: most tests run single-threaded subprocesses (OMP_NUM_THREADS=1), so one worker leaves a
-# core idle (measured: 1,288 and 1,384 s against 1,483 s serial on a 2-core EPYC). A worker with Slurm tests
-# starts its own throwaway cluster (tests/conftest.py `cluster`).
+# core idle. tests/conftest.py hands each worker whole units, longest first: a file, or the files sharing a
+# session fixture (the Slurm tests: one worker, one throwaway cluster). Measured on the 2-core EPYC: 1,483 s
+# serial; 1,288 and 1,384 s with xdist's per-test spreading (a cluster per worker, each submitting all of
+# test_slurm.py's jobs); 1,041 s with the units (2026-12-03, at nice 19 beside another nice-19 training job).
 PYTEST := $(BIN)/python -m pytest -q -n 2
 
 test: venv slurm

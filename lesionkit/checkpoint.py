@@ -22,8 +22,6 @@ import pickle
 import shutil
 from pathlib import Path
 
-import torch
-
 from lesionkit.atomic import fsync, fsync_tree, write_json, write_text
 from lesionkit.config import TrainConfig, to_yaml
 from lesionkit.errors import UsageError
@@ -93,6 +91,8 @@ def clean_staging(run_dir: Path) -> list[Path]:
 
 def write_inference_files(ckpt_dir: Path, state_dict: dict, cfg: TrainConfig, info: dict) -> None:
     """model.pt (weights only), config.yaml and info.json: what `inference.load_checkpoint` reads."""
+    import torch  # here, not at the top: `runs` imports this module, and `lesionkit sweep` needs no torch
+
     torch.save(state_dict, ckpt_dir / "model.pt")
     write_text(ckpt_dir / "config.yaml", to_yaml(cfg))
     write_json(ckpt_dir / "info.json", info)

@@ -5,6 +5,9 @@ scores (the ISIC 2017 score, ...) are composed from these by `lesionkit.tasks`.
 Pure numpy/scipy/sklearn so the trainer, `evaluate` and tests all score identically; nothing here
 knows about torch, Accelerate or dataset names. A class absent from the labels has an undefined AUC:
 its value is None (JSON null) and a note says why, rather than crashing a whole evaluation.
+
+scipy and sklearn (about a second of CPU to import) are imported inside the functions that use them: a
+command that imports this module but scores nothing (`predict`, `ensemble --help`, ...) starts without them.
 """
 
 from __future__ import annotations
@@ -12,9 +15,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy import optimize, special, stats
-from sklearn import calibration
-from sklearn import metrics as skm
 
 
 def _as_arrays(labels, probs, classes) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +40,8 @@ def auc_above_sensitivity(y: np.ndarray, scores: np.ndarray, sensitivity: float 
     (linearly interpolated) to FPR = 1, without McClish normalisation: a perfect ranking scores 1,
     an uninformative one (1 - s) * (1 + s) / 2 = 0.18 for s = 0.8.
     """
+    from sklearn import metrics as skm
+
     fpr, tpr, _ = skm.roc_curve(y, scores, drop_intermediate=False)
     i = int(tpr.searchsorted(sensitivity, side="left"))
     fpr_at = np.interp(sensitivity, tpr[i - 1 : i + 1], fpr[i - 1 : i + 1])
@@ -58,6 +60,8 @@ def choose_thresholds(labels, probs, classes) -> dict[str, float | None]:
 
     Meant to be chosen on validation data and applied to test data (`compute_metrics(thresholds=)`).
     """
+    from sklearn import metrics as skm
+
     labels, probs = _as_arrays(labels, probs, classes)
     out: dict[str, float | None] = {}
     for c, name in enumerate(classes):
@@ -81,6 +85,8 @@ def compute_metrics(labels, probs, classes, thresholds: dict | None = None) -> d
     `spec_thr_<class>`; `confusion_matrix` (rows = truth, columns = argmax prediction), `nll`,
     `brier`, `ece`; `notes` lists anything undefined.
     """
+    from sklearn import metrics as skm
+
     labels, probs = _as_arrays(labels, probs, classes)
     classes = list(classes)
     pred = probs.argmax(axis=1)
@@ -128,6 +134,8 @@ def compute_metrics(labels, probs, classes, thresholds: dict | None = None) -> d
 def reliability_bins(labels, probs, n_bins: int = 10) -> dict:
     """Top-label calibration per equal-width confidence bin (sklearn's `calibration_curve` on "was the
     argmax right" vs its confidence): mean confidence, accuracy (NaN for an empty bin) and count."""
+    from sklearn import calibration
+
     labels = np.asarray(labels).ravel()
     probs = np.asarray(probs, dtype=np.float64)
     conf, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(int)
@@ -150,6 +158,8 @@ def expected_calibration_error(labels, probs, n_bins: int = 10) -> float:
 
 def _rank_auc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Row-wise Mann-Whitney AUC (ties count one half, identical to roc_auc_score); NaN if undefined."""
+    from scipy import stats
+
     n_pos = y.sum(axis=1)
     n_neg = y.shape[1] - n_pos
     ranks = stats.rankdata(scores, axis=1)
@@ -280,6 +290,8 @@ def paired_bootstrap(
 def softmax_views(logits, temperature: float = 1.0) -> np.ndarray:
     """Probabilities from logits [N, C] or per-TTA-view logits [N, V, C]: softmax(logits / T), then
     the mean over views (TTA averages probabilities, not logits)."""
+    from scipy import special
+
     logits = np.asarray(logits, dtype=np.float64)
     p = special.softmax(logits / temperature, axis=-1)
     return p.mean(axis=1) if p.ndim == 3 else p
@@ -290,6 +302,8 @@ def fit_temperature(logits, labels) -> float:
 
     L-BFGS-B over log T (so T stays positive) with the analytic gradient; fit on validation logits.
     """
+    from scipy import optimize, special
+
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64).ravel()
     if z.ndim != 2 or z.shape[0] != y.size or y.size == 0:

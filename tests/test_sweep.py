@@ -211,15 +211,26 @@ def test_a_job_array_runs_the_sweep_with_a_preempted_task_requeued_then_compare(
     wait_until(
         lambda: first.exists() and "train_loss" in first.read_text(errors="replace"), "task 0 to train"
     )
-    # scancel signals an array task's batch shell but exits 228 (Slurm 22.05): the requeue below checks it
-    subprocess.run(["scancel", "--signal=USR1", "--batch", tasks[0]], env=cluster, check=False)
+    # scancel signals an array task's batch shell at once, but while tasks of the array wait (%2) it then
+    # retries ("Job is in transitional state") for 95 s and exits 228 (Slurm 22.05): the requeue below checks
+    # the signal; scancel is stopped then, before the release, so that no retry signals the restarted task
+    scancel = subprocess.Popen(
+        ["scancel", "--signal=USR1", "--batch", tasks[0]],
+        env=cluster,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def requeued():
         info = scontrol_job(cluster, tasks[0])
         assert info["JobState"] not in ENDED, f"ended without a requeue:\n{first.read_text()}"
         return info["Restarts"] == "1" and info["JobState"] == "PENDING"
 
-    wait_until(requeued, "task 0 to requeue itself")
+    try:
+        wait_until(requeued, "task 0 to requeue itself")
+    finally:
+        scancel.kill()
+        scancel.wait(timeout=30)
     time.sleep(3)  # release the ~2 min hold, but not within the second of the requeue (test_slurm.py)
     subprocess.run(["scontrol", "update", f"JobId={tasks[0]}", "StartTime=now"], env=cluster, check=True)
 

@@ -20,7 +20,14 @@ import signal
 import sys
 import traceback
 
-# the point of this process: import everything the commands need once, before forking
+# the point of this process: import everything the commands need once, before forking (scipy and sklearn:
+# lesionkit.metrics imports them inside the functions that score, and every child validates)
+import scipy.optimize  # noqa: F401
+import scipy.special  # noqa: F401
+import scipy.stats  # noqa: F401
+import sklearn.calibration  # noqa: F401
+import sklearn.metrics  # noqa: F401
+
 import lesionkit.cli
 import lesionkit.evaluate
 import lesionkit.predict
