@@ -37,7 +37,8 @@ slurm:
 # core idle. tests/conftest.py hands each worker whole units, longest first: a file, or the files sharing a
 # session fixture (the Slurm tests: one worker, one throwaway cluster). Measured on the 2-core EPYC: 1,483 s
 # serial; 1,288 and 1,384 s with xdist's per-test spreading (a cluster per worker, each submitting all of
-# test_slurm.py's jobs); 1,041 s with the units (2026-12-03, at nice 19 beside another nice-19 training job).
+# test_slurm.py's jobs); 1,041 s with the units at nice 19 beside a training job, 646 s on a quiet machine
+# (400 tests, 2026-12-03).
 PYTEST := $(BIN)/python -m pytest -q -n 2
 
 test: venv slurm

@@ -148,6 +148,7 @@ UNIT_SECONDS = {
     "tests/test_runs.py": 130,
     "tests/test_folds.py": 126,
     "tests/test_remote.py": 81,
+    "tests/test_merge.py": 52,
     "tests/test_metadata.py": 77,
     "tests/test_readme_sequence.py": 48,
     "tests/test_evaluate.py": 39,
