@@ -127,10 +127,10 @@ def cross_validate(
     folds = sorted({int(f) for f in folds}) if folds else list(range(split["folds"]))
     if select not in SELECT:
         raise UsageError(f"--select {select!r}: choose one of {', '.join(SELECT)}")
-    if holdout and dataset_info(holdout)[0] != list(manifest["classes"]):
+    held_classes = dataset_info(holdout)[0] if holdout else None
+    if holdout and held_classes != list(manifest["classes"]):
         raise UsageError(
-            f"--holdout {' '.join(holdout)} has the classes {dataset_info(holdout)[0]}, --data "
-            f"{manifest['classes']}"
+            f"--holdout {' '.join(holdout)} has the classes {held_classes}, --data {manifest['classes']}"
         )
     for fold in folds:  # every bad flag, monitor or fold fails now, before hours of training
         train_module.check_config(dataclasses.replace(cfg, fold=fold, output_dir=str(fold_dir(out, fold))))
@@ -163,9 +163,9 @@ def cross_validate(
                 + ["--workers", str(cfg.workers), "--batch-size", str(cfg.batch_size)],
                 f"fold {fold}: score {select}/ on the held-out fold",
             )
+    target = holdout_dir(out, holdout) if holdout else None
     if holdout:
         members = [str((fold_dir(out, f) / select).resolve()) for f in folds]
-        target = holdout_dir(out, holdout)
         done = target / "metrics.json"
         if not (done.is_file() and json.loads(done.read_text()).get("members") == members):
             _run(
@@ -176,14 +176,14 @@ def cross_validate(
             )
     summary = score_out_of_fold(out, folds, task, manifest["classes"], select, bootstrap, seed, split)
     if holdout:
-        m = json.loads((holdout_dir(out, holdout) / "metrics.json").read_text())
+        m = json.loads((target / "metrics.json").read_text())
         summary["holdout"] = {
             "data": list(holdout),
             "n": m["n"],
             "score": m.get(task.score),
             "score_ci": (m.get("ci") or {}).get(task.score),
             "members": m["members"],
-            "folder": str(holdout_dir(out, holdout)),
+            "folder": str(target),
         }
         write_json(out / "cv.json", summary)
     return summary

@@ -627,7 +627,8 @@ class _Stream(IterableDataset):
                 if (keys is not None and s["__key__"] not in keys) or s["__key__"] in drop:
                     continue
                 if relabel is not None:
-                    label = relabel[_label(s)] if 0 <= _label(s) < len(relabel) else -1
+                    label = _label(s)
+                    label = relabel[label] if 0 <= label < len(relabel) else -1
                     if label < 0:
                         continue
                     s = {**s, "cls": str(label).encode()}

@@ -52,6 +52,15 @@ class Merge:
         return tuple(-1 if mapping[c] is None else self.classes.index(mapping[c]) for c in source_classes)
 
 
+def relabel_counts(counts: dict, mapping: dict) -> dict:
+    """Class counts in the classes `mapping` (class -> class or None) gives them; None classes dropped."""
+    out: dict[str, int] = {}
+    for c, n in counts.items():
+        if mapping.get(c) is not None:
+            out[mapping[c]] = out.get(mapping[c], 0) + int(n)
+    return out
+
+
 def shipped() -> list[str]:
     return sorted(p.stem for p in MAPS_DIR.glob("*.yaml"))
 
@@ -134,17 +143,17 @@ def merge(folders, label_maps, target, fetch=None) -> Merge | None:
 def summary(merge: Merge, fetch=None) -> list[str]:
     """One line per mapped folder for the start of a run: what its samples count as, and how many of its
     samples the map leaves out."""
-    from lesionkit.manifest import dataset_info
+    from lesionkit.manifest import read_manifest
 
     lines = []
     for folder, name in merge.names.items():
-        _, counts, n = dataset_info(
-            [folder], fetch=fetch, merge=Merge(merge.classes, {folder: merge.maps[folder]}, {})
-        )
-        total = dataset_info([folder], fetch=fetch)[2]
+        manifest = read_manifest(folder, fetch)
+        counts = relabel_counts(manifest.get("counts", {}), merge.maps[folder])
+        left_out = int(manifest["num_samples"]) - sum(counts.values())
         out = sorted(c for c, t in merge.maps[folder].items() if t is None)
+        trains_as = ", ".join(f"{c} {counts.get(c, 0)}" for c in merge.classes)
         lines.append(
-            f"label map {name}: {folder} trains as {', '.join(f'{c} {k}' for c, k in counts.items())}"
-            + (f"; {total - n} sample(s) of {', '.join(out)} left out" if out else "")
+            f"label map {name}: {folder} trains as {trains_as}"
+            + (f"; {left_out} sample(s) of {', '.join(out)} left out" if out else "")
         )
     return lines

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lesionkit import sources
 from lesionkit.errors import RunError, UsageError
+from lesionkit.labelmaps import relabel_counts
 
 FORMAT_VERSION = 1  # of the shard layout + manifest; readers refuse any other
 MANIFEST = "manifest.json"
@@ -122,13 +123,8 @@ def shard_selection(
             picked[k] = (rec, n - len(dropped), counts)
     if relabel is not None:
         for k, (rec, n, counts) in enumerate(picked):
-            mapped: dict[str, int] = {}
-            for c, m in counts.items():
-                if relabel[c] is None:
-                    n -= int(m)
-                else:
-                    mapped[relabel[c]] = mapped.get(relabel[c], 0) + int(m)
-            picked[k] = (rec, n, mapped)
+            mapped = relabel_counts(counts, relabel)
+            picked[k] = (rec, n - sum(int(v) for v in counts.values()) + sum(mapped.values()), mapped)
     return picked, keys
 
 

@@ -117,10 +117,7 @@ def _mapped(ds: dict, name: str) -> None:
     """A `dataset_facts` entry of a --label-maps folder, counted in the classes its map gives it."""
     from lesionkit import labelmaps
 
-    mapping, counts = labelmaps.load(name).classes, {}
-    for c, n in ds["counts"].items():
-        if mapping.get(c) is not None:
-            counts[mapping[c]] = counts.get(mapping[c], 0) + int(n)
+    counts = labelmaps.relabel_counts(ds["counts"], labelmaps.load(name).classes)
     left_out = int(ds["num_samples"]) - sum(counts.values())
     ds.update(counts=counts, num_samples=sum(counts.values()), label_map=name, left_out=left_out)
 
