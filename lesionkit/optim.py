@@ -96,6 +96,17 @@ def step_scheduler(scheduler, metric: float | None = None) -> None:
         scheduler.step()
 
 
+def build_ema(model: nn.Module, decay: float):
+    """An exponential moving average of the weights AND the buffers (BatchNorm running statistics), as
+    timm's ModelEma keeps. Averaging the parameters alone leaves the copy's BatchNorm statistics at the
+    initial (ImageNet) values under weights that have moved on. None when `decay` is 0."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Linear per-step warm-up: batch `step` (from 0) of the first `warmup_steps` trains at
     (step + 1) / warmup_steps of the scheduler's LR (Goyal et al. 2017, for large scaled LRs)."""

@@ -65,7 +65,7 @@ from lesionkit.models import (
     list_models,
     prepare_model,
 )
-from lesionkit.optim import build_optimizer, build_scheduler, scaled_lr, step_scheduler, warmup_factor
+from lesionkit.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, step_scheduler, warmup_factor
 from lesionkit.reporter import Reporter
 
 
@@ -365,8 +365,6 @@ def build(
     trainer's state registered for checkpointing. Same seed, same initial weights on every rank. `plan`
     (`lesionkit.planning`; made here when not given) sets the loader workers and the scaled LR."""
     from accelerate.utils import set_seed
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     plan = plan or planning.make(cfg, folds=fold_selection(cfg))
     accelerator = make_accelerator(cfg)
     cfg = runs.settle(accelerator, cfg)  # no --output-dir: a new run folder, named by the main process
@@ -396,11 +394,7 @@ def build(
         model, build_optimizer(dataclasses.replace(cfg, lr=plan.lr), model)
     )
     scheduler = build_scheduler(cfg, optimizer, monitor.mode)
-    ema = (
-        AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
-        if cfg.ema_decay
-        else None
-    )
+    ema = build_ema(accelerator.unwrap_model(model), cfg.ema_decay)
 
     mean, std = input_stats(cfg.model)
     placement = (

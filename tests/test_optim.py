@@ -123,3 +123,22 @@ def test_bad_choices():
         _setup(scheduler="poly")
     with pytest.raises(ValueError, match="warmup_epochs must be within 0..epochs-1"):
         _setup(scheduler="cosine", warmup_epochs=5, epochs=5)
+
+
+def test_ema_follows_batchnorm_statistics_not_only_weights():
+    """The EMA copy is what is validated and saved: its BatchNorm running statistics must move with the
+    trained model's (they stayed at their initial values when only parameters were averaged)."""
+    from lesionkit.optim import build_ema
+
+    model = _model().eval()
+    model(torch.zeros(2, 3, 5, 5))  # materialise the lazy layer (eval: the statistics stay at 0 and 1)
+    ema = build_ema(model, 0.75)
+    ema.update_parameters(model)  # the first update copies
+    for _ in range(2):
+        model[1].running_mean.fill_(1.0)  # the statistics a training epoch would have moved
+        model[1].running_var.fill_(3.0)
+        ema.update_parameters(model)
+    # two EMA steps from (0, 1) towards (1, 3): 1 - 0.75^2 of the way
+    assert torch.allclose(ema.module[1].running_mean, torch.full((4,), 1 - 0.75**2))
+    assert torch.allclose(ema.module[1].running_var, torch.full((4,), 1 + 2 * (1 - 0.75**2)))
+    assert build_ema(model, 0.0) is None
