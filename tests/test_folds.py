@@ -81,6 +81,18 @@ def test_split_refuses_to_replace_folds_or_group_by_an_absent_id(split, capsys):
     assert (split["2019"] / "manifest.json").read_text() == before
 
 
+def test_ungrouped_split_stratifies_by_class_and_says_so(split, tmp_path, capsys):
+    """ISIC 2017 has no lesion ids: `--by none` folds are stratified by class, and the line says so."""
+    data = shutil.copytree(split["2019"], tmp_path / "copy")
+    assert run_command("split", [str(data), "--by", "none", "--folds", str(K), "--force"]) == 0
+    out = capsys.readouterr().out
+    assert f"in {K} folds by none (ungrouped: stratified by class only), seed 0" in out
+    counts = manifest(data)["split"]["counts"]
+    for label in counts[0]:
+        per_fold = [c[label] for c in counts]
+        assert max(per_fold) - min(per_fold) <= 1, (label, per_fold)
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_selected_folds_plan_equal_batches_and_are_read_exactly_once(split, world_size):
     fold_of = manifest(split["2019"])["split"]["fold_of"]

@@ -28,9 +28,14 @@ def run(args) -> int:
     if empty:
         print(f"warning: too few {args.by} groups of {', '.join(empty)} to put some in every fold")
     n = len(split["fold_of"])
+    grouping = (
+        "ungrouped: stratified by class only"
+        if split["by"] == "none"
+        else f"{split['groups']} groups; {split['ungrouped']} sample(s) without a {split['by']} id are groups "
+        "of their own"
+    )
     print(
-        f"lesionkit split: {n} samples in {split['folds']} folds by {split['by']} ({split['groups']} groups; "
-        f"{split['ungrouped']} sample(s) without a {split['by']} id are groups of their own), seed "
+        f"lesionkit split: {n} samples in {split['folds']} folds by {split['by']} ({grouping}), seed "
         f"{split['seed']}; recorded in {args.dir}/manifest.json"
     )
     return 0
