@@ -242,6 +242,17 @@ def report(summary: dict, out: Path) -> str:
         + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
         + f" over {summary['oof']['n']} samples ({summary['select']}/ of each fold){spread} -> {out}/cv.json"
     )
+    task = tasks.get_task(summary["task"])
+    others = [c for c in task.columns if c != name and summary["oof"].get(c) is not None]
+    if others:  # the task's other headline metrics (ISIC 2017: the melanoma and SK AUCs), pooled the same way
+        ci = summary["oof"].get("ci", {})
+        lines.append(
+            "lesionkit cv: out-of-fold "
+            + ", ".join(
+                f"{c} {summary['oof'][c]:.4f}" + (f" [{ci[c][0]:.4f}, {ci[c][1]:.4f}]" if c in ci else "")
+                for c in others
+            )
+        )
     held = summary.get("holdout")
     if held:
         ci = held["score_ci"]

@@ -222,6 +222,8 @@ def test_cv_trains_each_fold_scores_out_of_fold_and_continues(split, tmp_path, c
     assert lo <= summary["score"] <= hi and [f["fold"] for f in summary["folds"]] == [0, 1]
     printed = capsys.readouterr().out
     assert f"out-of-fold balanced_accuracy {summary['score']:.4f}" in printed
+    # and the task's other headline metrics, pooled the same way (MEL is class 0)
+    assert f"auc_melanoma {skm.roc_auc_score(y == 0, p[:, 0]):.4f}" in printed.split("out-of-fold")[-1]
     assert f"lesionkit cv: holdout balanced_accuracy {summary['holdout']['score']:.4f}" in printed
 
     trained = {f: (out / f"fold-{f}" / "last").resolve() for f in (0, 1)}
