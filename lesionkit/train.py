@@ -65,7 +65,14 @@ from lesionkit.models import (
     list_models,
     prepare_model,
 )
-from lesionkit.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, step_scheduler, warmup_factor
+from lesionkit.optim import (
+    build_ema,
+    build_optimizer,
+    build_scheduler,
+    scaled_lr,
+    step_scheduler,
+    warmup_factor,
+)
 from lesionkit.reporter import Reporter
 
 
@@ -365,6 +372,7 @@ def build(
     trainer's state registered for checkpointing. Same seed, same initial weights on every rank. `plan`
     (`lesionkit.planning`; made here when not given) sets the loader workers and the scaled LR."""
     from accelerate.utils import set_seed
+
     plan = plan or planning.make(cfg, folds=fold_selection(cfg))
     accelerator = make_accelerator(cfg)
     cfg = runs.settle(accelerator, cfg)  # no --output-dir: a new run folder, named by the main process

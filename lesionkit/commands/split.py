@@ -31,8 +31,8 @@ def run(args) -> int:
     grouping = (
         "ungrouped: stratified by class only"
         if split["by"] == "none"
-        else f"{split['groups']} groups; {split['ungrouped']} sample(s) without a {split['by']} id are groups "
-        "of their own"
+        else f"{split['groups']} groups; {split['ungrouped']} sample(s) without a {split['by']} id are "
+        "groups of their own"
     )
     print(
         f"lesionkit split: {n} samples in {split['folds']} folds by {split['by']} ({grouping}), seed "
