@@ -223,6 +223,10 @@ def score_out_of_fold(out: Path, folds, task, classes, select, bootstrap, seed, 
     return summary
 
 
+def _ci(ci, label: str = "95% CI ") -> str:
+    return f" [{label}{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+
+
 def report(summary: dict, out: Path) -> str:
     """The lines `lesionkit cv` prints: each fold's score, then the pooled OOF score with its CI."""
     name = summary["score_name"]
@@ -239,7 +243,7 @@ def report(summary: dict, out: Path) -> str:
     )
     lines.append(
         f"lesionkit cv: out-of-fold {name} {score}"
-        + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        + _ci(ci)
         + f" over {summary['oof']['n']} samples ({summary['select']}/ of each fold){spread} -> {out}/cv.json"
     )
     task = tasks.get_task(summary["task"])
@@ -248,17 +252,14 @@ def report(summary: dict, out: Path) -> str:
         ci = summary["oof"].get("ci", {})
         lines.append(
             "lesionkit cv: out-of-fold "
-            + ", ".join(
-                f"{c} {summary['oof'][c]:.4f}" + (f" [{ci[c][0]:.4f}, {ci[c][1]:.4f}]" if c in ci else "")
-                for c in others
-            )
+            + ", ".join(f"{c} {summary['oof'][c]:.4f}{_ci(ci.get(c), label='')}" for c in others)
         )
     held = summary.get("holdout")
     if held:
         ci = held["score_ci"]
         lines.append(
             f"lesionkit cv: holdout {name} {held['score']:.4f}"
-            + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+            + _ci(ci)
             + f" on {held['n']} samples of {' '.join(held['data'])} (mean of the {len(held['members'])} "
             f"fold models) -> {held['folder']}"
         )

@@ -124,7 +124,8 @@ def shard_selection(
     if relabel is not None:
         for k, (rec, n, counts) in enumerate(picked):
             mapped = relabel_counts(counts, relabel)
-            picked[k] = (rec, n - sum(int(v) for v in counts.values()) + sum(mapped.values()), mapped)
+            left_out = sum(int(v) for v in counts.values()) - sum(mapped.values())
+            picked[k] = (rec, n - left_out, mapped)
     return picked, keys
 
 
