@@ -62,7 +62,7 @@ class Model:
         if metadata is None:
             raise UsageError(
                 f"checkpoint {self.checkpoint} was trained with metadata ({','.join(self.meta.fields)}): "
-                "give it per image (predict --metadata CSV)"
+                "give it per image (--metadata CSV)"
             )
         lacking = [k for k in keys if k not in metadata]
         if lacking:

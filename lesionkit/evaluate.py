@@ -108,19 +108,29 @@ def predictions_frame(keys, labels, probs, classes) -> pd.DataFrame:
     return df
 
 
-def images_of(dirs, keys, image_size: int, folds=None, fetch=None):
-    """uint8 [len(keys), 3, S, S]: the samples `keys` of shard folders `dirs` as the model saw them."""
+def images_of(dirs, keys, image_size: int, folds=None, fetch=None, features=None):
+    """(uint8 [len(keys), 3, S, S], their metadata features [len(keys), F] or None): the samples `keys` of
+    shard folders `dirs` as the model saw them (`features`: the model's `MetaSpec`, for its metadata)."""
     import torch
 
     wanted, found = set(keys), {}
     reader = eval_loader(
-        dirs, image_size=image_size, batch_size=64, workers=0, rank=0, world_size=1, folds=folds, fetch=fetch
+        dirs,
+        image_size=image_size,
+        batch_size=64,
+        workers=0,
+        rank=0,
+        world_size=1,
+        folds=folds,
+        fetch=fetch,
+        features=features,
     )
     for batch in reader:
-        for key, image in zip(batch.keys, batch.images):
+        for j, key in enumerate(batch.keys):
             if key in wanted:
-                found[key] = image
-    return torch.stack([found[k] for k in keys])
+                found[key] = (batch.images[j], None if batch.meta is None else batch.meta[j])
+    images = torch.stack([found[k][0] for k in keys])
+    return images, None if features is None else torch.stack([found[k][1] for k in keys])
 
 
 def write_report(

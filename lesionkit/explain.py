@@ -4,7 +4,9 @@ each image.
 
 The target layer is named per architecture in the registry (`models.CAM_LAYERS`). Images take the
 checkpoint's own preprocessing (`api.Model.preprocess`), so the map explains the probability the API and
-`evaluate` report; maps are upsampled to the model's input size, i.e. the centre crop the model saw.
+`evaluate` report; maps are upsampled to the model's input size, i.e. the centre crop the model saw. A
+model trained with metadata is explained with each image's own metadata held fixed (`_WithMeta`): the map
+shows where in the image the evidence for the class is, given that patient's age, sex and site.
 `evaluate --explain-errors N` uses `most_confident_errors` + `write_explanations` on its mistakes.
 """
 
@@ -23,31 +25,45 @@ SHEET = "contact_sheet.png"
 CAM_BATCH = 16
 
 
-def class_activation_maps(model, images: torch.Tensor, targets: list[int]) -> np.ndarray:
-    """float32 [N, S, S] in [0, 1]: Grad-CAM of class `targets[i]` over uint8 image `images[i]` [3, S, S]."""
+class _WithMeta(torch.nn.Module):
+    """A metadata model as the one-input model Grad-CAM calls: `meta` is the batch's features, set per
+    batch."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net, self.meta = net, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, self.meta)
+
+
+def class_activation_maps(model, images: torch.Tensor, targets: list[int], meta=None) -> np.ndarray:
+    """float32 [N, S, S] in [0, 1]: Grad-CAM of class `targets[i]` over uint8 image `images[i]` [3, S, S]
+    (with metadata features `meta[i]` for a model trained with metadata)."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from lesionkit.models import cam_layer
 
-    _image_only(model)
+    if (meta is None) != (model.meta is None):
+        raise UsageError(
+            f"{model.checkpoint} takes "
+            + ("no metadata" if model.meta is None else f"metadata ({','.join(model.meta.fields)})")
+            + f" beside the image; Grad-CAM was given {'none' if meta is None else 'some'}"
+        )
     net = model.module
     layer = cam_layer(net, model.info["model"])
+    called = net if meta is None else _WithMeta(net)
     out = []
-    with GradCAM(model=net, target_layers=[layer]) as cam:
+    with GradCAM(model=called, target_layers=[layer]) as cam:
         for s in range(0, len(images), CAM_BATCH):
             x = model.preprocess(images[s : s + CAM_BATCH].to(model.device))
+            if meta is not None:
+                called.meta = meta[s : s + CAM_BATCH].to(model.device)
             wanted = [ClassifierOutputTarget(int(t)) for t in targets[s : s + CAM_BATCH]]
             out.append(np.asarray(cam(input_tensor=x, targets=wanted), dtype=np.float32))
     net.eval()
     return np.concatenate(out) if out else np.zeros((0, model.image_size, model.image_size), np.float32)
-
-
-def _image_only(model) -> None:
-    if model.meta is not None:
-        raise UsageError(
-            f"{model.checkpoint} takes metadata beside the image; Grad-CAM explains image-only models here"
-        )
 
 
 def overlay(image: torch.Tensor, cam: np.ndarray) -> np.ndarray:
@@ -91,11 +107,19 @@ def contact_sheet(cells: list[dict], path: Path, title: str, columns: int = 6) -
 
 
 def write_explanations(
-    model, keys, images: torch.Tensor, probs: np.ndarray, folder: Path, extra=(), labels=None, title=""
+    model,
+    keys,
+    images: torch.Tensor,
+    probs: np.ndarray,
+    folder: Path,
+    extra=(),
+    labels=None,
+    title="",
+    meta=None,
 ) -> list[dict]:
     """Into `folder`: `<id>__<class>.png` overlays for the predicted class and each class index in `extra`
     (and the true class, given `labels`), the contact sheet (predicted class) and explanations.csv (one
-    row per overlay: its map's peak and the probabilities)."""
+    row per overlay: its map's peak and the probabilities). `meta`: the images' metadata features."""
     import pandas as pd
 
     classes = model.classes
@@ -105,7 +129,10 @@ def write_explanations(
         for i in range(len(keys))
         for c in dict.fromkeys([int(pred[i]), *extra, *([] if labels is None else [int(labels[i])])])
     ]
-    maps = class_activation_maps(model, images[[i for i, _ in jobs]], [c for _, c in jobs])
+    rows_of_jobs = [i for i, _ in jobs]
+    maps = class_activation_maps(
+        model, images[rows_of_jobs], [c for _, c in jobs], None if meta is None else meta[rows_of_jobs]
+    )
     cells, rows = [], []
     for (i, c), cam in zip(jobs, maps):
         picture = overlay(images[i], cam)
@@ -131,25 +158,29 @@ def write_explanations(
     return rows
 
 
-def explain(checkpoint, images, out, classes=(), force: bool = False, device="cpu") -> Path:
+def explain(checkpoint, images, out, classes=(), force: bool = False, device="cpu", metadata=None) -> Path:
     """`lesionkit explain`: Grad-CAM overlays, a contact sheet and explanations.csv for image files or
-    folders, written as one new folder `out` (an existing one is kept unless `force`)."""
-    from lesionkit import api
+    folders, written as one new folder `out` (an existing one is kept unless `force`). `metadata`: a CSV
+    of the images' age/sex/site, for a model trained with metadata (as `predict --metadata`)."""
+    from lesionkit import api, metafeatures
 
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"{out} exists; pass --force to replace it or choose another --out")
     model = api.load(checkpoint, device)
-    _image_only(model)
+    if metadata is not None and model.meta is not None:
+        metadata = metafeatures.read_csv(metadata, model.meta)
     unknown = [c for c in classes if c not in model.classes]
     if unknown:
         raise UsageError(f"--classes {unknown}: not classes of {checkpoint} ({', '.join(model.classes)})")
     _, items = api.image_items(images)
-    batches = list(model.read(items, CAM_BATCH))  # decoded once, for the probabilities and the maps
+    # decoded once, for the probabilities and the maps; refuses metadata missing for, or given to, the model
+    batches = list(model.read(items, CAM_BATCH, metadata=metadata))
     keys, _, probs = model.predict_batches(batches)
     extra = [model.classes.index(c) for c in classes]
+    meta = None if model.meta is None else torch.cat([b.meta for b in batches])
     with staged_dir(out) as tmp:
-        write_explanations(model, keys, torch.cat([b.images for b in batches]), probs, tmp, extra)
+        write_explanations(model, keys, torch.cat([b.images for b in batches]), probs, tmp, extra, meta=meta)
     return out
 
 

@@ -1,9 +1,11 @@
 """Export a checkpoint for serving stacks: ONNX (onnxruntime, TensorRT, ...) or TorchScript (libtorch).
 
 The graph maps a normalised float batch [B, 3, S, S] (any B) to probabilities, softmax(logits / T) with
-the checkpoint's temperature inside. Decoding, resizing, colour constancy and normalisation stay outside
-(they differ per serving stack) and are written beside the file as JSON (`<file>.json`: size, mean, std,
-colour constancy, classes, temperature), so a client can reproduce `inference.build_preprocess`.
+the checkpoint's temperature inside; a model trained with metadata takes a second input, its encoded
+features [B, F] (`metafeatures.MetaSpec.serving` in the JSON says how a client builds them). Decoding,
+resizing, colour constancy and normalisation stay outside (they differ per serving stack) and are written
+beside the file as JSON (`<file>.json`: size, mean, std, colour constancy, classes, temperature), so a
+client can reproduce `inference.build_preprocess`.
 
 Every export is checked before it is published: the exported graph (run by onnxruntime or by the
 reloaded TorchScript module) against the PyTorch model on real images, at a batch size other than the
@@ -43,22 +45,35 @@ class Probabilities(nn.Module):
         return torch.softmax(self.model(x) / self.temperature, dim=1)
 
 
+class MetaProbabilities(Probabilities):
+    """The same for a model trained with metadata (`models.MetaFusion`): images and features in."""
+
+    def forward(self, x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x, meta) / self.temperature, dim=1)
+
+
 def sidecar_path(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".json")
 
 
-def parity_images(model, images=None, n: int = 16) -> tuple[torch.Tensor, str]:
-    """(uint8 [N, 3, S, S], where from): the given image files/folders, else the first `n` samples of the
-    checkpoint's own validation shards (`val` in its config.yaml)."""
+def parity_inputs(model, images=None, metadata=None, n: int = 16):
+    """(uint8 [N, 3, S, S], metadata features [N, F] or None, where from): the given image files/folders
+    (with `metadata`, id -> {age, sex, site}, for a model that takes it), else the first `n` samples of
+    the checkpoint's own validation data (`val` in its config.yaml, or the fold it held out)."""
     from lesionkit import api
     from lesionkit.config import load_config
 
     if images:
         _, items = api.image_items(images)
-        u8 = torch.cat([b.images for b in model.read(items[:n], batch_size=n)])  # names unreadable files
-        return u8, f"{len(u8)} image(s) from {' '.join(map(str, images))}"
-    val = load_config(model.checkpoint / "config.yaml").val
-    if not val or not all(Path(v).is_dir() for v in val):
+        batches = list(model.read(items[:n], batch_size=n, metadata=metadata))  # names unreadable files
+        return (
+            torch.cat([b.images for b in batches]),
+            None if model.meta is None else torch.cat([b.meta for b in batches]),
+            f"{sum(len(b.keys) for b in batches)} image(s) from {' '.join(map(str, images))}",
+        )
+    cfg = load_config(model.checkpoint / "config.yaml")
+    folders, folds = (cfg.train, [cfg.fold]) if not cfg.val and cfg.fold >= 0 else (cfg.val, None)
+    if not folders or not all(Path(v).is_dir() for v in folders):
         raise UsageError(
             f"{model.checkpoint} names no validation shards here to check parity on; pass --images "
             "with a few real images"
@@ -66,18 +81,32 @@ def parity_images(model, images=None, n: int = 16) -> tuple[torch.Tensor, str]:
     from lesionkit.data import eval_loader
 
     taken = []
-    for batch in eval_loader(val, image_size=model.image_size, batch_size=n, workers=0, rank=0, world_size=1):
-        taken.append(batch.images)
-        if sum(len(t) for t in taken) >= n:
+    for batch in eval_loader(
+        folders,
+        image_size=model.image_size,
+        batch_size=n,
+        workers=0,
+        rank=0,
+        world_size=1,
+        features=model.meta,
+        folds=folds,
+    ):
+        taken.append(batch)
+        if sum(len(b.keys) for b in taken) >= n:
             break
-    u8 = torch.cat(taken)[:n]
-    return u8, f"{len(u8)} validation image(s) from {' '.join(val)}"
+    u8 = torch.cat([b.images for b in taken])[:n]
+    meta = None if model.meta is None else torch.cat([b.meta for b in taken])[:n]
+    held = f" (fold {cfg.fold})" if folds else ""
+    return u8, meta, f"{len(u8)} validation image(s) from {' '.join(folders)}{held}"
 
 
-def export(checkpoint, fmt: str, out, images=None, n: int = 16, tol: float = TOLERANCE, force=False) -> dict:
+def export(
+    checkpoint, fmt: str, out, images=None, n: int = 16, tol: float = TOLERANCE, force=False, metadata=None
+) -> dict:
     """Export `checkpoint` to `out` in `fmt`, check parity, then publish `out` and its JSON; returns the
-    sidecar's content (with `parity.max_abs_diff`). An existing `out` is kept unless `force`."""
-    from lesionkit import api
+    sidecar's content (with `parity.max_abs_diff`). An existing `out` is kept unless `force`. `metadata`:
+    a CSV of the `images`' age/sex/site, for a model trained with metadata."""
+    from lesionkit import api, metafeatures
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -88,17 +117,22 @@ def export(checkpoint, fmt: str, out, images=None, n: int = 16, tol: float = TOL
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; name the file to write")
     model = api.load(checkpoint, "cpu")
-    if model.meta is not None:
+    if metadata is not None and model.meta is None:
+        raise UsageError(f"--metadata: {checkpoint} was trained on images only; it takes no metadata")
+    if images and model.meta is not None and metadata is None:
         raise UsageError(
-            f"{checkpoint} takes metadata ({','.join(model.meta.fields)}) beside the image; export handles "
-            "image-only models (a two-input graph is not built yet)"
+            f"{checkpoint} takes metadata ({','.join(model.meta.fields)}) beside the image: pass --metadata "
+            "CSV with the --images' values, or leave out --images to check on its validation shards"
         )
-    u8, source = parity_images(model, images, n)
+    if metadata is not None:
+        metadata = metafeatures.read_csv(metadata, model.meta)
+    u8, meta, source = parity_inputs(model, images, metadata, n)
     with torch.no_grad():
-        x = model.preprocess(u8).contiguous()
-        graph = Probabilities(model.module, model.temperature).eval()
-        reference = graph(x).numpy()
-    example = torch.cat([x] * 3)[: 3 if len(x) == 2 else 2]  # traced at another batch size than checked
+        x = (model.preprocess(u8).contiguous(),) + (() if meta is None else (meta.float(),))
+        graph = (Probabilities if meta is None else MetaProbabilities)(model.module, model.temperature).eval()
+        reference = graph(*x).numpy()
+    # traced at another batch size than checked
+    example = tuple(torch.cat([t] * 3)[: 3 if len(t) == 2 else 2] for t in x)
     with replacing(out) as tmp:
         got = (_onnx if fmt == "onnx" else _torchscript)(graph, example, x, tmp)
         diff = float(np.abs(got - reference).max())
@@ -139,8 +173,15 @@ def export(checkpoint, fmt: str, out, images=None, n: int = 16, tol: float = TOL
             },
             "classes": model.classes,
             "temperature": model.temperature,
-            "parity": {"images": source, "n": len(x), "max_abs_diff": diff, "tolerance": tol},
+            "parity": {"images": source, "n": len(u8), "max_abs_diff": diff, "tolerance": tol},
         }
+        if model.meta is not None:
+            facts["metadata_input"] = {
+                "name": "metadata",
+                "shape": ["batch", model.meta.size],
+                "dtype": "float32",
+                **model.meta.serving(),
+            }
     write_json(sidecar_path(out), facts)
     return facts
 
@@ -169,10 +210,10 @@ def _bins(n_in: int, n_out: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def onnx_friendly(graph: nn.Module, example: torch.Tensor):
+def onnx_friendly(graph: nn.Module, example: tuple[torch.Tensor, ...]):
     """Within the block, the adaptive average pools of `graph` that ONNX cannot express at the input size
-    of `example` are `FixedAdaptiveAvgPool`s (an export has a fixed image size, so nothing is lost); the
-    originals are put back after (no copy of a 240 MB AlexNet)."""
+    of `example` (its inputs) are `FixedAdaptiveAvgPool`s (an export has a fixed image size, so nothing
+    is lost); the originals are put back after (no copy of a 240 MB AlexNet)."""
     from lesionkit.models import _set_submodule
 
     seen: dict[str, tuple] = {}
@@ -183,7 +224,7 @@ def onnx_friendly(graph: nn.Module, example: torch.Tensor):
     pools = {n: m for n, m in graph.named_modules() if type(m) is nn.AdaptiveAvgPool2d}
     hooks = [m.register_forward_hook(record(n)) for n, m in pools.items()]
     with torch.no_grad():
-        graph(example)
+        graph(*example)
     for hook in hooks:
         hook.remove()
     swapped = [name for name, (hw, out) in seen.items() if hw[0] % out[0] or hw[1] % out[1]]
@@ -205,8 +246,10 @@ def _onnx_export(graph, *args, **kwargs) -> None:
         raise RunError(f"ONNX cannot express this model at this image size: {first}") from None
 
 
-def _onnx(graph: nn.Module, example: torch.Tensor, x: torch.Tensor, path: Path) -> np.ndarray:
+def _onnx(graph: nn.Module, example: tuple, x: tuple, path: Path) -> np.ndarray:
     import onnxruntime as ort
+
+    names = ["image", "metadata"][: len(x)]
 
     with (
         warnings.catch_warnings(),
@@ -217,21 +260,21 @@ def _onnx(graph: nn.Module, example: torch.Tensor, x: torch.Tensor, path: Path) 
         warnings.simplefilter("ignore")
         _onnx_export(
             friendly,
-            (example,),
+            example,
             str(path),
-            input_names=["image"],
+            input_names=names,
             output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            dynamic_axes={name: {0: "batch"} for name in [*names, "probabilities"]},
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"image": x.numpy()})[0]
+    return session.run(None, {name: t.numpy() for name, t in zip(names, x)})[0]
 
 
-def _torchscript(graph: nn.Module, example: torch.Tensor, x: torch.Tensor, path: Path) -> np.ndarray:
+def _torchscript(graph: nn.Module, example: tuple, x: tuple, path: Path) -> np.ndarray:
     """`torch.jit.script` (control flow and shapes kept as code); a model it cannot compile is traced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -242,4 +285,4 @@ def _torchscript(graph: nn.Module, example: torch.Tensor, x: torch.Tensor, path:
         torch.jit.save(scripted, str(path))
         loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
-        return loaded(x).numpy()
+        return loaded(*x).numpy()

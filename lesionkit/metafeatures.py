@@ -92,6 +92,21 @@ class MetaSpec:
             if f in self.fields and meta.get(f) is not None and meta[f] not in vocab
         ]
 
+    def serving(self) -> dict:
+        """How a client outside Python builds the vector (an exported model's JSON): names in order and
+        the encoding rules above, with their constants."""
+        return {
+            "fields": list(self.fields),
+            "features": self.names,
+            "encoding": {
+                "age": f"(age - {AGE_CENTER:g}) / {AGE_SCALE:g}, 0 when missing; age_missing 1 when missing",
+                "sex": "one-hot over sex=...; sex_missing when missing or another value",
+                "site": "one-hot over site=...; site_missing when missing or another value",
+            },
+            "age_center": AGE_CENTER,
+            "age_scale": AGE_SCALE,
+        }
+
     def to_info(self) -> dict:
         return {"fields": list(self.fields), "names": self.names}
 

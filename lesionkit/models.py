@@ -224,9 +224,10 @@ CAM_LAYERS = {
 
 
 def cam_layer(model: nn.Module, name: str) -> nn.Module:
-    """The Grad-CAM target layer of registry model `name` (built by `create_model`)."""
+    """The Grad-CAM target layer of registry model `name` (built by `create_model`; in its backbone for a
+    `MetaFusion`)."""
     _entry(name)
-    return model.get_submodule(CAM_LAYERS[name])
+    return (model.backbone if isinstance(model, MetaFusion) else model).get_submodule(CAM_LAYERS[name])
 
 
 def list_models() -> list[str]:

@@ -171,6 +171,103 @@ def test_metadata_mistakes_are_one_clear_line(real, tmp_path, capsys):
     assert not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.ddp
+def test_export_of_a_metadata_model_takes_images_and_features(real, tmp_path, capsys):
+    """ONNX and TorchScript graphs with two inputs (image, encoded metadata) give the API's probabilities
+    for raw images + the release's metadata CSV; the JSON says how to build the features."""
+    import onnxruntime as ort
+
+    from lesionkit.predict import load_image
+
+    ckpt, images = real["run"] / "best", tmp_path / "images"
+    images.mkdir()
+    ids = list(real["picked"].image_name[:5])
+    for i in ids:
+        (images / f"{i}.jpg").symlink_to(I2020 / "train" / f"{i}.jpg")
+    base = ["--checkpoint", str(ckpt), "--images", str(images)]
+    assert run_command("export", [*base, "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "takes metadata (age,sex,site) beside the image: pass --metadata" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+    argv = [*base, "--metadata", str(GT2020), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    assert run_command("export", argv) == 0
+    assert f"+ metadata [{SPEC.size}]" in capsys.readouterr().out
+    side = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert (
+        side["metadata_input"]["features"] == SPEC.names and side["metadata_input"]["shape"][1] == SPEC.size
+    )
+    assert side["parity"]["n"] == 5 and side["parity"]["max_abs_diff"] <= 1e-4
+
+    model = lesionkit.load(ckpt)
+    expected = model.predict(images, metadata=GT2020).loc[ids].to_numpy()
+    x = model.preprocess(torch.stack([load_image(images / f"{i}.jpg", model.image_size) for i in ids]))
+    rows = metafeatures.read_csv(GT2020, SPEC)
+    meta = np.array([SPEC.encode(rows[i]) for i in ids], dtype=np.float32)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x.numpy(), "metadata": meta})[0]
+    assert np.abs(got - expected).max() <= 1e-4
+    blank = np.tile(np.array(SPEC.encode({}), dtype=np.float32), (5, 1))  # the metadata input matters
+    blanked = session.run(None, {"image": x.numpy(), "metadata": blank})[0]
+    assert np.abs(np.log(blanked[:, 1] / got[:, 1])).max() > 0.01
+
+    # TorchScript, parity checked on the fold the run validated on (no --images needed)
+    out = tmp_path / "m.pt"
+    assert (
+        run_command("export", ["--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(out)]) == 0
+    )
+    assert (
+        "validation image(s)" in capsys.readouterr().out
+        and "(fold 0)" in json.loads((tmp_path / "m.pt.json").read_text())["parity"]["images"]
+    )
+    with torch.no_grad():
+        scripted = torch.jit.load(str(out))(x, torch.from_numpy(meta)).numpy()
+    assert np.abs(scripted - expected).max() <= 1e-4
+
+
+@pytest.mark.ddp
+def test_grad_cam_of_a_metadata_model_holds_each_images_metadata(real, tmp_path, capsys):
+    """`explain --metadata CSV` and `evaluate --explain-errors` explain a metadata model: the probabilities
+    beside the maps are the metadata-aware ones; without the metadata it is one clear line."""
+    from lesionkit.explain import class_activation_maps
+    from lesionkit.predict import load_image
+
+    ckpt, images = real["run"] / "best", tmp_path / "images"
+    images.mkdir()
+    ids = sorted(real["picked"].image_name[:3])
+    for i in ids:
+        (images / f"{i}.jpg").symlink_to(I2020 / "train" / f"{i}.jpg")
+    base = ["--checkpoint", str(ckpt), "--images", str(images), "--out", str(tmp_path / "cam")]
+    assert run_command("explain", base) == 2
+    assert "trained with metadata (age,sex,site)" in capsys.readouterr().err
+    assert not (tmp_path / "cam").exists()
+    assert run_command("explain", [*base, "--metadata", str(GT2020)]) == 0
+    table = pd.read_csv(tmp_path / "cam" / "explanations.csv").set_index("image_id")
+    model = lesionkit.load(ckpt)
+    expected = model.predict(images, metadata=GT2020)["melanoma"]
+    assert sorted(table.index) == ids
+    assert np.abs(table.loc[ids, "p_melanoma"].to_numpy() - expected.loc[ids].to_numpy()).max() < 1e-6
+
+    u8 = torch.stack([load_image(images / f"{i}.jpg", model.image_size) for i in ids])
+    rows = metafeatures.read_csv(GT2020, SPEC)
+    meta = torch.tensor([SPEC.encode(rows[i]) for i in ids])
+    maps = class_activation_maps(model, u8, [1, 1, 1], meta)
+    assert maps.shape == (3, model.image_size, model.image_size) and np.isfinite(maps).all()
+    assert maps.min() >= 0 and maps.max() <= 1
+    with pytest.raises(UsageError, match="takes metadata"):
+        class_activation_maps(model, u8, [1, 1, 1])
+
+    ev = tmp_path / "ev"
+    argv = ["--checkpoint", str(ckpt), "--data", str(real["folder"]), "--fold", "0", "--out", str(ev)]
+    assert (
+        run_command("evaluate", [*argv, "--workers", "0", "--bootstrap", "0", "--explain-errors", "1"]) == 0
+    )
+    errors = pd.read_csv(ev / "errors" / "explanations.csv")
+    pred = pd.read_csv(ev / "predictions.csv").set_index("image_id")
+    assert len(errors) >= 1
+    for _, row in errors.iterrows():  # each mistake's probabilities are evaluate's (with its metadata)
+        assert abs(row["p_melanoma"] - pred.loc[row["image_id"], "melanoma"]) < 1e-6
+
+
 def test_training_refuses_metadata_the_shards_do_not_hold(tmp_path):
     plain = tmp_path / "plain"
     make_shards(plain, 20, 2)  # packed without a metadata CSV

@@ -177,7 +177,7 @@ def _evaluate(args: argparse.Namespace, accelerator) -> int:
             return
         chosen = [keys[i] for i in picked]
         folds = None if args.fold is None else [args.fold]
-        images = images_of(args.data, chosen, info["image_size"], folds, fetch)
+        images, meta = images_of(args.data, chosen, info["image_size"], folds, fetch, loaded.meta)
         write_explanations(
             loaded,
             chosen,
@@ -187,6 +187,7 @@ def _evaluate(args: argparse.Namespace, accelerator) -> int:
             labels=labels[picked],
             title=f"the {args.explain_errors} most confident mistakes of each class: {info['model']} on "
             f"{sources.display_name(args.data[0])} (Grad-CAM of the predicted class)",
+            meta=meta,
         )
 
     write_report(

@@ -19,12 +19,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--classes", nargs="*", default=[], metavar="CLASS", help="also explain these classes for every image"
     )
+    parser.add_argument(
+        "--metadata",
+        metavar="CSV",
+        help="for a checkpoint trained with metadata: age/sex/site per image id (the release's metadata "
+        "CSV works as is); each image is explained with its own metadata held fixed",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = explain(args.checkpoint, args.images, args.out, args.classes, args.force, args.device)
+    out = explain(
+        args.checkpoint, args.images, args.out, args.classes, args.force, args.device, args.metadata
+    )
     n = len(list(out.glob("*__*.png")))
     print(f"lesionkit explain: {n} overlay(s), {out / SHEET}, {out / 'explanations.csv'} -> {out}/")
     return 0

@@ -20,6 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="real images (files or folders) for the parity check (default: the checkpoint's "
         "validation shards)",
     )
+    parser.add_argument(
+        "--metadata",
+        metavar="CSV",
+        help="with --images, for a checkpoint trained with metadata: age/sex/site per image id (the "
+        "release's metadata CSV works as is)",
+    )
     parser.add_argument("--parity-images", type=int, default=16, help="how many images the check uses")
     parser.add_argument(
         "--tolerance",
@@ -34,12 +40,20 @@ def run(args: argparse.Namespace) -> int:
     if args.parity_images < 1 or args.tolerance <= 0:
         raise UsageError("--parity-images must be >= 1 and --tolerance > 0")
     facts = export(
-        args.checkpoint, args.format, args.out, args.images, args.parity_images, args.tolerance, args.force
+        args.checkpoint,
+        args.format,
+        args.out,
+        args.images,
+        args.parity_images,
+        args.tolerance,
+        args.force,
+        args.metadata,
     )
-    parity = facts["parity"]
+    parity, meta = facts["parity"], facts.get("metadata_input")
+    inputs = f"input {facts['input']['shape'][1:]}" + (f" + metadata [{meta['shape'][1]}]" if meta else "")
     print(
-        f"lesionkit export: {facts['model']} -> {args.out} ({args.format}, dynamic batch, input "
-        f"{facts['input']['shape'][1:]}); preprocessing in {sidecar_path(args.out)}"
+        f"lesionkit export: {facts['model']} -> {args.out} ({args.format}, dynamic batch, {inputs}); "
+        f"preprocessing in {sidecar_path(args.out)}"
     )
     print(
         f"lesionkit export: parity on {parity['images']}: max |p_{args.format} - p_torch| = "
