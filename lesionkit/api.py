@@ -75,13 +75,16 @@ class Model:
     def read(self, items: list[tuple[str, object]], batch_size=32, workers=0, metadata=None):
         """Decoded `Batch`es of (id, path or file object) items, streamed; after the last one, every
         unreadable file is named in one UsageError, so no result is used when any file is bad.
-        `metadata`: id -> {age, sex, site} for a model trained with metadata (see `features`)."""
+        `metadata`: id -> {age, sex, site}, or a CSV of them, for a model trained with metadata (see
+        `features`)."""
         from lesionkit.predict import image_batches
 
         if not items:
             raise UsageError("no images to predict")
         if batch_size < 1 or workers < 0:
             raise UsageError("batch size must be >= 1 and workers >= 0")
+        if isinstance(metadata, (str, Path)) and self.meta is not None:  # the release's metadata CSV
+            metadata = metafeatures.read_csv(metadata, self.meta)
         features = self.features([k for k, _ in items], metadata)
         errors: list[str] = []
         yield from image_batches(items, self.image_size, batch_size, workers, errors, features)
@@ -109,9 +112,7 @@ class Model:
         None (the model was trained with missing values as their own category).
         """
         single, items = image_items(images)
-        if isinstance(metadata, (str, Path)):
-            metadata = metafeatures.read_csv(metadata, self.meta) if self.meta else metadata
-        elif single and isinstance(metadata, dict) and set(metadata) <= set(metafeatures.FIELDS):
+        if single and isinstance(metadata, dict) and set(metadata) <= set(metafeatures.FIELDS):
             metadata = {items[0][0]: metadata}
         keys, probs = self.predict_items(items, tta, batch_size, metadata=metadata)
         if single:

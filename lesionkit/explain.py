@@ -162,14 +162,12 @@ def explain(checkpoint, images, out, classes=(), force: bool = False, device="cp
     """`lesionkit explain`: Grad-CAM overlays, a contact sheet and explanations.csv for image files or
     folders, written as one new folder `out` (an existing one is kept unless `force`). `metadata`: a CSV
     of the images' age/sex/site, for a model trained with metadata (as `predict --metadata`)."""
-    from lesionkit import api, metafeatures
+    from lesionkit import api
 
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"{out} exists; pass --force to replace it or choose another --out")
     model = api.load(checkpoint, device)
-    if metadata is not None and model.meta is not None:
-        metadata = metafeatures.read_csv(metadata, model.meta)
     unknown = [c for c in classes if c not in model.classes]
     if unknown:
         raise UsageError(f"--classes {unknown}: not classes of {checkpoint} ({', '.join(model.classes)})")

@@ -106,7 +106,7 @@ def export(
     """Export `checkpoint` to `out` in `fmt`, check parity, then publish `out` and its JSON; returns the
     sidecar's content (with `parity.max_abs_diff`). An existing `out` is kept unless `force`. `metadata`:
     a CSV of the `images`' age/sex/site, for a model trained with metadata."""
-    from lesionkit import api, metafeatures
+    from lesionkit import api
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -124,8 +124,6 @@ def export(
             f"{checkpoint} takes metadata ({','.join(model.meta.fields)}) beside the image: pass --metadata "
             "CSV with the --images' values, or leave out --images to check on its validation shards"
         )
-    if metadata is not None:
-        metadata = metafeatures.read_csv(metadata, model.meta)
     u8, meta, source = parity_inputs(model, images, metadata, n)
     with torch.no_grad():
         x = (model.preprocess(u8).contiguous(),) + (() if meta is None else (meta.float(),))
