@@ -198,7 +198,9 @@ def test_a_job_array_runs_the_sweep_with_a_preempted_task_requeued_then_compare(
     cmd = [sys.executable, "-m", "lesionkit.cli", "sweep", str(ROOT / "sweeps" / "tiny.yaml"), "--slurm"]
     cmd += ["--out", str(out), "--throttle", "2", "--sbatch=--cpus-per-task=1"]
     cmd += ["--train", str(shards / "train"), "--val", str(shards / "val"), "--image-size", "64"]
-    cmd += ["--epochs", "2", "--max-steps-per-epoch", "3"]
+    # 6 epochs of 3 steps: task 0 must still be training when the signal lands (2 epochs finished first
+    # when other jobs loaded the CPU)
+    cmd += ["--epochs", "6", "--max-steps-per-epoch", "3"]
     proc = subprocess.run(cmd, env=cluster, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     array = re.search(r"job array (\d+)", proc.stdout).group(1)
