@@ -112,7 +112,8 @@ def load_cv(path: Path) -> Run:
     from lesionkit.cv import CONFIG, fold_dir
 
     summary = json.loads((path / "cv.json").read_text())
-    folds = [load_run(fold_dir(path, f["fold"])) for f in summary["folds"]]
+    models = Path(summary.get("models", path))  # a rescored CV's fold runs are the CV it rescored
+    folds = [load_run(fold_dir(models, f["fold"])) for f in summary["folds"]]
     info = {**folds[0].info, "epoch": "-", "metrics": summary["oof"]}
     loop = {
         "history": [row for run in folds for row in run.loop["history"]],

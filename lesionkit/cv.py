@@ -15,6 +15,11 @@ DIR's classes, to every fold's training data, whole (`lesionkit.labelmaps`); val
 
 A rerun of the same command continues: finished folds are kept, an interrupted one resumes from its
 `last/`, and scored folds are not scored again. A different config into the same OUT is refused.
+
+`--rescore CV` trains nothing: it scores the fold models of the finished cross-validation CV again with
+another `--val-tta` into a new OUT (the TTA row of a recipe table, paired image by image by `compare`),
+for the same config only, and only where the TTA of validation cannot have steered the models scored (no
+plateau scheduler, no early stopping, `last/` scored).
 """
 
 from __future__ import annotations
@@ -62,6 +67,43 @@ def _base_config(cfg: TrainConfig, data: str, out: Path) -> TrainConfig:
         output_dir=str(out.absolute()),
         resume=False,
     )
+
+
+SCORING_ONLY = ("val_tta", "output_dir", "run_name", "wandb")  # may differ between a CV and its rescoring
+
+
+def _check_rescore(cfg: TrainConfig, models: Path, select: str) -> None:
+    """A UsageError unless `models` is a CV trained with `cfg` (apart from how it is scored) whose
+    training never saw the validation views, so scoring it again with another TTA answers what TTA adds."""
+    if not (models / CONFIG).is_file():
+        raise UsageError(f"--rescore {models}: not a cross-validation folder (no {CONFIG})")
+    if cfg.scheduler == "plateau" or cfg.early_stop_patience or select != "last":
+        raise UsageError(
+            f"--rescore {models}: validation steers this config (plateau scheduler, early stopping or "
+            "--select best), so another --val-tta would have made other models: run a new cv"
+        )
+    old = load_config(models / CONFIG)
+    differ = [
+        f.name
+        for f in dataclasses.fields(cfg)
+        if f.name not in SCORING_ONLY and getattr(old, f.name) != getattr(cfg, f.name)
+    ]
+    if differ:
+        raise UsageError(
+            f"--rescore {models}: it was trained with another config (differs in {', '.join(differ)}); "
+            "pass the flags it was trained with, changing only --val-tta"
+        )
+
+
+def _check_no_mix(out: Path, rescore: str | None) -> None:
+    """Refuse to score into OUT what would replace its earlier scores: a rescoring into a CV that trained
+    its own folds, or a training CV into a rescored one (its folds hold scores of another CV's models)."""
+    trained = {p.parent.name for p in out.glob("fold-*/status.json")}
+    scored = {p.parent.name for p in out.glob("fold-*/oof")}
+    if rescore and trained:
+        raise UsageError(f"--rescore: {out} holds a CV that trained its own folds; give a new --output-dir")
+    if not rescore and scored - trained:
+        raise UsageError(f"{out} holds a rescored CV (--rescore): give another --output-dir to train one")
 
 
 def _check_or_write_config(cfg: TrainConfig, out: Path) -> Path:
@@ -112,10 +154,12 @@ def cross_validate(
     bootstrap: int = 1000,
     seed: int = 0,
     holdout: list[str] | None = None,
+    rescore: str | None = None,
 ) -> dict:
     """Train and score `folds` (default: all) of `data`'s split with `cfg`; write OUT/cv.json and
     OUT/oof_predictions.csv (OUT = cfg.output_dir) and return the summary; with `holdout`, also the
-    mean of the fold models' probabilities on those shard folders (`lesionkit ensemble`)."""
+    mean of the fold models' probabilities on those shard folders (`lesionkit ensemble`). With
+    `rescore`, the fold models are that CV's, and none is trained."""
     from lesionkit import train as train_module
 
     if not cfg.output_dir:  # a train run without one gets a new folder; a cv run is continued through it
@@ -134,19 +178,29 @@ def cross_validate(
         )
     for fold in folds:  # every bad flag, monitor or fold fails now, before hours of training
         train_module.check_config(dataclasses.replace(cfg, fold=fold, output_dir=str(fold_dir(out, fold))))
+    models = Path(rescore) if rescore else out  # where the fold models are (trained)
+    _check_no_mix(out, rescore)
+    if rescore:
+        _check_rescore(cfg, models, select)
+        unfinished = [f for f in folds if not _completed(fold_dir(models, f))]
+        if unfinished:
+            raise UsageError(
+                f"--rescore {models}: fold(s) {', '.join(map(str, unfinished))} have not finished training "
+                "there; finish that CV first"
+            )
     config = _check_or_write_config(cfg, out)
     task = tasks.for_manifest(manifest)
     launcher = launcher or [sys.executable]
     for fold in folds:
         run = fold_dir(out, fold)
-        if not _completed(run):
+        if not rescore and not _completed(run):
             name = f"{cfg.run_name or out.name}-fold{fold}"
             _run(
                 [*launcher, train_module.__file__, "--config", str(config), "--fold", str(fold)]
                 + ["--output-dir", str(run), "--resume", "--run-name", name],
                 f"fold {fold}: train",
             )
-        ckpt = (run / select).resolve()
+        ckpt = (fold_dir(models, fold) / select).resolve()
         if not _scored(run, ckpt, cfg.val_tta):
             _run(
                 [
@@ -165,7 +219,7 @@ def cross_validate(
             )
     target = holdout_dir(out, holdout) if holdout else None
     if holdout:
-        members = [str((fold_dir(out, f) / select).resolve()) for f in folds]
+        members = [str((fold_dir(models, f) / select).resolve()) for f in folds]
         done = target / "metrics.json"
         if not (done.is_file() and json.loads(done.read_text()).get("members") == members):
             _run(
@@ -174,7 +228,9 @@ def cross_validate(
                 + ["--seed", str(seed), "--workers", str(cfg.workers), "--batch-size", str(cfg.batch_size)],
                 f"holdout: the mean of the {len(members)} fold models on {' '.join(holdout)}",
             )
-    summary = score_out_of_fold(out, folds, task, manifest["classes"], select, bootstrap, seed, split)
+    summary = score_out_of_fold(
+        out, folds, task, manifest["classes"], select, bootstrap, seed, split, rescore
+    )
     if holdout:
         m = json.loads((target / "metrics.json").read_text())
         summary["holdout"] = {
@@ -189,8 +245,9 @@ def cross_validate(
     return summary
 
 
-def score_out_of_fold(out: Path, folds, task, classes, select, bootstrap, seed, split) -> dict:
-    """Pool the folds' held-out predictions; the task's metrics with bootstrap CIs, per-fold scores."""
+def score_out_of_fold(out: Path, folds, task, classes, select, bootstrap, seed, split, rescore=None) -> dict:
+    """Pool the folds' held-out predictions; the task's metrics with bootstrap CIs, per-fold scores.
+    `rescore`: the CV folder whose fold models made them, when not OUT's own."""
     frames, per_fold = [], []
     for fold in folds:
         oof = fold_dir(out, fold) / "oof"
@@ -218,6 +275,8 @@ def score_out_of_fold(out: Path, folds, task, classes, select, bootstrap, seed, 
         "select": select,
         "oof": m,
     }
+    if rescore:
+        summary["models"] = str(Path(rescore).absolute())
     write_text(out / "oof_predictions.csv", oof.to_csv(index=False))
     write_json(out / "cv.json", summary)
     return summary

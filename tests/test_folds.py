@@ -246,3 +246,34 @@ def test_cv_trains_each_fold_scores_out_of_fold_and_continues(split, tmp_path, c
     assert table["vs_best"][1] == "paired" and table["diff"][1] == pytest.approx(summary["score"])
     assert table["p"][1] < 0.01 and table["best_epoch"][0] == "-"
     assert table["eval-isic2019 balanced_accuracy"][0] == pytest.approx(summary["holdout"]["score"])
+
+    # --rescore: the same fold models scored again with flip TTA into a new folder, nothing trained; compare
+    # pairs the two image by image
+    flips = tmp_path / "cv-flips"
+    again = [a if a != str(out) else str(flips) for a in argv] + [*tiny, "--val-tta", "flips"]
+    assert run_command("cv", [*again, "--rescore", str(out)]) == 0
+    assert "train:" not in (printed := capsys.readouterr().out) and "fold 1: score" in printed
+    rescored = json.loads((flips / "cv.json").read_text())
+    assert rescored["models"] == str(out) and not list(flips.glob("fold-*/status.json"))
+    assert [f["checkpoint"] for f in rescored["folds"]] == [str(trained[f]) for f in (0, 1)]
+    assert {
+        json.loads((flips / f"fold-{f}" / "oof" / "metrics.json").read_text())["tta"] for f in (0, 1)
+    } == {"flips"}
+    assert rescored["holdout"]["members"] == summary["holdout"]["members"]
+    flipped = pd.read_csv(flips / "oof_predictions.csv")
+    assert list(flipped["image_id"]) == list(oof["image_id"]) and list(flipped["label"]) == list(oof["label"])
+    assert not np.allclose(flipped[list(ISIC2019_CLASSES)], oof[list(ISIC2019_CLASSES)])
+    table = compare([out, flips], out=tmp_path / "cmp-flips", bootstrap=300)[0]
+    assert set(table["run"]) == {"cv", "cv-flips"} and "paired" in set(table["vs_best"])
+    assert sorted(table["val_tta"]) == ["flips", "none"]
+    # refusals, each before any scoring: another training config, a rescoring into a training CV (or the
+    # reverse), a config whose validation steered training
+    for flags, needle in [
+        ([*again, "--rescore", str(out), "--lr", "0.5"], "trained with another config (differs in lr)"),
+        ([*argv, *tiny, "--val-tta", "flips", "--rescore", str(out)], "trained its own folds"),
+        ([*again[:-2]], "holds a rescored CV"),
+        ([*again, "--rescore", str(out), "--select", "best"], "validation steers this config"),
+    ]:
+        assert run_command("cv", flags) == 2, flags
+        assert needle in capsys.readouterr().err
+    assert json.loads((flips / "cv.json").read_text()) == rescored

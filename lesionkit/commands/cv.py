@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also score the mean of the fold models on these shard folders (a split no fold trained on, "
         "e.g. ISIC 2017's validation split): the second judge of model selection",
     )
+    parser.add_argument(
+        "--rescore",
+        metavar="CV",
+        help="train nothing: score the fold models of the finished cross-validation CV again with this "
+        "command's --val-tta into --output-dir (same flags as CV otherwise; `compare` pairs the two)",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the CI (0 = off)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="bootstrap seed")
     add_config_flags(parser)
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         seed=args.bootstrap_seed,
         holdout=args.holdout,
+        rescore=args.rescore,
     )
     print(report(summary, Path(cfg.output_dir)))
     return 0
