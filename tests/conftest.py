@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -305,3 +308,54 @@ def wait_until(predicate, what, timeout=600, poll=0.2):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def scontrol_job(env, job: str) -> dict:
+    """`scontrol show job` of one job (or array task, `ARRAY_TASK`) as a dict of its fields."""
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def _signal_masks(pid: int) -> dict[str, int]:
+    """The signal masks of /proc/PID/status (SigPnd, ShdPnd, SigIgn, SigCgt), as ints."""
+    fields = [line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines()]
+    return {k: int(v, 16) for k, v in fields if k in ("SigPnd", "ShdPnd", "SigIgn", "SigCgt")}
+
+
+@contextlib.contextmanager
+def usr1_lands_while_training(env, job: str, timeout: float = 120):
+    """Around the `scancel --signal=USR1 --batch` of a running job: its trainers (the python processes of
+    the job that catch SIGUSR1) are stopped (SIGSTOP) first, and continued only once the USR1 that Slurm
+    forwards through the batch shell and srun is pending in each, so a short training cannot finish before
+    the signal lands, however loaded the machine (it raced when it could: "ended without a requeue")."""
+    job_id = scontrol_job(env, job)["JobId"]  # an array task's own id
+    listed = subprocess.run(
+        ["scontrol", "listpids", job_id], env=env, capture_output=True, text=True, check=True
+    )
+    pids = [int(line.split()[0]) for line in listed.stdout.splitlines()[1:] if line.split()]
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+
+    def is_trainer(pid: int) -> bool:
+        try:
+            python = Path(os.readlink(f"/proc/{pid}/exe")).name.startswith("python")
+            return python and bool(_signal_masks(pid)["SigCgt"] & usr1)
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    trainers = [pid for pid in pids if is_trainer(pid)]
+    assert trainers, f"job {job}: no process catching SIGUSR1 among {pids}"
+    for pid in trainers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield trainers
+
+        def pending() -> bool:
+            return all((m := _signal_masks(pid))["SigPnd"] & usr1 or m["ShdPnd"] & usr1 for pid in trainers)
+
+        wait_until(pending, f"SIGUSR1 to reach the stopped trainers {trainers} of job {job}", timeout)
+    finally:
+        for pid in trainers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import scontrol_job, usr1_lands_while_training, wait_until
 from tests.wandb_log import logged, run_record
 
 pytestmark = pytest.mark.slurm
@@ -158,16 +158,9 @@ def jobs(cluster, shards, tmp_path_factory):
         subprocess.run(["scancel", job], check=False, env=cluster, capture_output=True)
 
 
-def job_info(env, job) -> dict:
-    out = subprocess.run(
-        ["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True, check=True
-    ).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
 def wait_done(env, job, log) -> dict:
     def done():
-        info = job_info(env, job)
+        info = scontrol_job(env, job)
         return (
             info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
         )
@@ -189,12 +182,13 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_result(clust
         "training to start",
         TIMEOUT_S,
     )
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    with usr1_lands_while_training(cluster, job):
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
 
     # Slurm holds a requeued job for ~2 minutes (BeginTime); release it sooner, but not within the second
     # of the requeue (the node would refuse the relaunch: "Job credential revoked").
     def requeued():
-        info = job_info(cluster, job)
+        info = scontrol_job(cluster, job)
         assert info["JobState"] not in ("COMPLETED", "FAILED"), f"ended without a requeue:\n{log.read_text()}"
         return info["Restarts"] == "1" and info["JobState"] == "PENDING"
 

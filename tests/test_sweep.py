@@ -17,7 +17,7 @@ import yaml
 
 from lesionkit import sweep as S
 from lesionkit.cli import run_command
-from tests.conftest import make_shards, wait_until
+from tests.conftest import make_shards, scontrol_job, usr1_lands_while_training, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,13 +181,6 @@ def test_local_trains_each_run_and_a_rerun_skips_the_finished_ones(tmp_path, sha
 # ------------------------------------------------------------------------------------ Slurm
 
 
-def scontrol_job(env, job: str) -> dict:
-    out = subprocess.run(
-        ["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True, check=True
-    ).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 
 
@@ -198,9 +191,7 @@ def test_a_job_array_runs_the_sweep_with_a_preempted_task_requeued_then_compare(
     cmd = [sys.executable, "-m", "lesionkit.cli", "sweep", str(ROOT / "sweeps" / "tiny.yaml"), "--slurm"]
     cmd += ["--out", str(out), "--throttle", "2", "--sbatch=--cpus-per-task=1"]
     cmd += ["--train", str(shards / "train"), "--val", str(shards / "val"), "--image-size", "64"]
-    # 6 epochs of 3 steps: task 0 must still be training when the signal lands (2 epochs finished first
-    # when other jobs loaded the CPU)
-    cmd += ["--epochs", "6", "--max-steps-per-epoch", "3"]
+    cmd += ["--epochs", "2", "--max-steps-per-epoch", "3"]
     proc = subprocess.run(cmd, env=cluster, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     array = re.search(r"job array (\d+)", proc.stdout).group(1)
@@ -216,12 +207,13 @@ def test_a_job_array_runs_the_sweep_with_a_preempted_task_requeued_then_compare(
     # scancel signals an array task's batch shell at once, but while tasks of the array wait (%2) it then
     # retries ("Job is in transitional state") for 95 s and exits 228 (Slurm 22.05): the requeue below checks
     # the signal; scancel is stopped then, before the release, so that no retry signals the restarted task
-    scancel = subprocess.Popen(
-        ["scancel", "--signal=USR1", "--batch", tasks[0]],
-        env=cluster,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with usr1_lands_while_training(cluster, tasks[0]):
+        scancel = subprocess.Popen(
+            ["scancel", "--signal=USR1", "--batch", tasks[0]],
+            env=cluster,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def requeued():
         info = scontrol_job(cluster, tasks[0])
