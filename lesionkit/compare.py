@@ -9,7 +9,8 @@ draw?). Runs validated on other images cannot be paired, and the table says so.
 
 A `lesionkit cv` folder is one row too: its pooled out-of-fold predictions are its validation images
 (every training image once), its time the sum over its folds; so recipes are chosen by cross-validation
-with the same paired test (two CVs of one split pair image by image).
+with the same paired test (two CVs of one split pair image by image; CVs of different folds of that
+split, `cv --folds`, on the images both scored).
 
 - Overrides: the config keys whose values differ between the runs compared (`output_dir`, `run_name`,
   `wandb_tags`, `resume` and `force` left out: they name or label a run, they do not change it).
@@ -57,6 +58,7 @@ class Run:
     loop: dict  # the trainer's loop state in last/: history, global_step
     record: dict  # the last entry of run.json: cwd, world_size
     cv: bool = False  # a `lesionkit cv` folder: scored on its out-of-fold predictions
+    split: dict | None = None  # a CV's split of its data (method, by, folds, seed): cv.json's `split`
 
     @property
     def name(self) -> str:
@@ -119,7 +121,7 @@ def load_cv(path: Path) -> Run:
         "history": [row for run in folds for row in run.loop["history"]],
         "global_step": sum(run.loop["global_step"] for run in folds),
     }
-    return Run(path, load_config(path / CONFIG), info, loop, folds[0].record, cv=True)
+    return Run(path, load_config(path / CONFIG), info, loop, folds[0].record, cv=True, split=summary["split"])
 
 
 def same_task(runs: list[Run]):
@@ -251,14 +253,15 @@ def compare(
             }
         )
     order = sorted(range(len(runs)), key=lambda i: _key(rows[i]["val"], mon.worst), reverse=mon.mode == "max")
-    rows, preds = [rows[i] for i in order], [preds[i] for i in order]
+    rows, preds, runs = [rows[i] for i in order], [preds[i] for i in order], [runs[i] for i in order]
     score_fn = (
         M.bootstrap_score(mon.name, classes, task.composites)
         if mon.name in M.bootstrap_metrics(classes, task.composites)
         else None
     )
     for i, row in enumerate(rows):
-        row.update(_paired(preds[0], preds[i], i == 0, score_fn, mon.name, bootstrap, seed))
+        shared = _same_folds(runs[0], runs[i])
+        row.update(_paired(preds[0], preds[i], i == 0, score_fn, mon.name, bootstrap, seed, shared))
     table = pd.DataFrame(rows)
     out = Path(out) if out else Path(os.path.commonpath([r.path.resolve().parent for r in runs]))
     write(table, out, over, mon, bootstrap)
@@ -273,17 +276,31 @@ def _plain(value):
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def _paired(best, other, is_best: bool, score_fn, name: str, n: int, seed: int) -> dict:
-    """The paired bootstrap of the best run against `other` on the same images, or why there is none."""
+def _same_folds(a: Run, b: Run) -> bool:
+    """Two CVs of one data folder's one split: an image's out-of-fold prediction comes from the same fold
+    in both, so CVs of different fold subsets (`cv --folds`) pair on the images they share."""
+    return a.cv and b.cv and a.split == b.split and a.cfg.train[:1] == b.cfg.train[:1]
+
+
+def _paired(best, other, is_best: bool, score_fn, name: str, n: int, seed: int, shared: bool) -> dict:
+    """The paired bootstrap of the best run against `other` on the same images (with `shared`, two CVs of
+    one split: on the images both scored), or why there is none."""
     none = {"diff": None, "diff_ci": None, "p": None}
     if is_best:
         return {"vs_best": "best", **none}
+    how = "paired"
     if best[0] != other[0] or not np.array_equal(best[1], other[1]):
-        return {"vs_best": "not paired: validated on other images", **none}
+        common = sorted(set(best[0]) & set(other[0])) if shared else []
+        at = [{key: i for i, key in enumerate(keys)} for keys in (best[0], other[0])]
+        i, j = ([a[key] for key in common] for a in at)
+        if not common or not np.array_equal(best[1][i], other[1][j]):
+            return {"vs_best": "not paired: validated on other images", **none}
+        best, other = (common, best[1][i], best[2][i]), (common, other[1][j], other[2][j])
+        how = f"paired on the {len(common)} images both scored"
     if score_fn is None or not n:
         return {"vs_best": f"no bootstrap for {name}" if n else "no bootstrap (--bootstrap 0)", **none}
     test = M.paired_bootstrap(best[1], best[2], other[2], score_fn, n=n, seed=seed)
-    return {"vs_best": "paired", "diff": test["difference"], "diff_ci": test["ci"], "p": test["p"]}
+    return {"vs_best": how, "diff": test["difference"], "diff_ci": test["ci"], "p": test["p"]}
 
 
 def _f(v, fmt: str = ".4f") -> str:
@@ -310,7 +327,8 @@ def markdown(table: pd.DataFrame, over: list[str], monitor: Monitor, bootstrap: 
         paired = (
             f"{_f(row['diff'], '+.4f')}{_ci(row['diff_ci'], '+.4f')}, "
             + (f"p<{1 / bootstrap:.2g}" if row["p"] == 0 else f"p={row['p']:.3f}")
-            if row["vs_best"] == "paired"
+            + (f" ({subset.strip()})" if (subset := row["vs_best"].removeprefix("paired")) else "")
+            if row["vs_best"].startswith("paired")
             else row["vs_best"]
         )
         cells = [row["run"], *(str(row[k]) for k in over), str(row["best_epoch"])]

@@ -277,3 +277,22 @@ def test_cv_trains_each_fold_scores_out_of_fold_and_continues(split, tmp_path, c
         assert run_command("cv", flags) == 2, flags
         assert needle in capsys.readouterr().err
     assert json.loads((flips / "cv.json").read_text()) == rescored
+
+    # CVs of different folds of one split (`--folds`) pair on the images both scored: here fold 0's
+    one = tmp_path / "cv-flips-fold0"
+    argv0 = ["--data", str(split["2019"]), "--output-dir", str(one), "--folds", "0", "--bootstrap", "0"]
+    assert run_command("cv", [*argv0, *tiny, "--val-tta", "flips", "--rescore", str(out)]) == 0
+    table = compare([out, one], out=tmp_path / "cmp-fold0", bootstrap=300)[0]
+    n0 = sum(f == 0 for f in fold_of.values())
+    assert table.set_index("run")["val_n"].to_dict() == {"cv": len(oof), "cv-flips-fold0": n0}
+    assert table["vs_best"][1] == f"paired on the {n0} images both scored"
+    fold0 = {
+        r: pd.read_csv(d / "oof_predictions.csv").query("fold == 0")
+        for r, d in [("cv", out), (one.name, one)]
+    }
+    bacc = {
+        r: skm.balanced_accuracy_score(df["label"], df[list(ISIC2019_CLASSES)].to_numpy().argmax(1))
+        for r, df in fold0.items()
+    }
+    assert table["diff"][1] == pytest.approx(bacc[table["run"][0]] - bacc[table["run"][1]])
+    assert f"(on the {n0} images both scored)" in (tmp_path / "cmp-fold0" / "compare.md").read_text()
