@@ -291,8 +291,8 @@ def _paired(best, other, is_best: bool, score_fn, name: str, n: int, seed: int, 
     how = "paired"
     if best[0] != other[0] or not np.array_equal(best[1], other[1]):
         common = sorted(set(best[0]) & set(other[0])) if shared else []
-        at = [{key: i for i, key in enumerate(keys)} for keys in (best[0], other[0])]
-        i, j = ([a[key] for key in common] for a in at)
+        at = [dict(zip(keys, range(len(keys)))) for keys in (best[0], other[0])]  # image id -> row
+        i, j = ([index[key] for key in common] for index in at)
         if not common or not np.array_equal(best[1][i], other[1][j]):
             return {"vs_best": "not paired: validated on other images", **none}
         best, other = (common, best[1][i], best[2][i]), (common, other[1][j], other[2][j])

@@ -82,12 +82,7 @@ def _check_rescore(cfg: TrainConfig, models: Path, select: str) -> None:
             f"--rescore {models}: validation steers this config (plateau scheduler, early stopping or "
             "--select best), so another --val-tta would have made other models: run a new cv"
         )
-    old = load_config(models / CONFIG)
-    differ = [
-        f.name
-        for f in dataclasses.fields(cfg)
-        if f.name not in SCORING_ONLY and getattr(old, f.name) != getattr(cfg, f.name)
-    ]
+    differ = _differing(load_config(models / CONFIG), cfg, ignore=SCORING_ONLY)
     if differ:
         raise UsageError(
             f"--rescore {models}: it was trained with another config (differs in {', '.join(differ)}); "
@@ -106,11 +101,19 @@ def _check_no_mix(out: Path, rescore: str | None) -> None:
         raise UsageError(f"{out} holds a rescored CV (--rescore): give another --output-dir to train one")
 
 
+def _differing(old: TrainConfig, new: TrainConfig, ignore=()) -> list[str]:
+    """The config fields whose values differ (but those in `ignore`)."""
+    return [
+        f.name
+        for f in dataclasses.fields(new)
+        if f.name not in ignore and getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
 def _check_or_write_config(cfg: TrainConfig, out: Path) -> Path:
     path = out / CONFIG
     if path.is_file():
-        old = load_config(path)
-        differ = [f.name for f in dataclasses.fields(cfg) if getattr(old, f.name) != getattr(cfg, f.name)]
+        differ = _differing(load_config(path), cfg)
         if differ:
             raise UsageError(
                 f"{out} holds a cross-validation run with another config (differs in {', '.join(differ)}); "
@@ -228,9 +231,9 @@ def cross_validate(
                 + ["--seed", str(seed), "--workers", str(cfg.workers), "--batch-size", str(cfg.batch_size)],
                 f"holdout: the mean of the {len(members)} fold models on {' '.join(holdout)}",
             )
-    summary = score_out_of_fold(
-        out, folds, task, manifest["classes"], select, bootstrap, seed, split, rescore
-    )
+    summary = score_out_of_fold(out, folds, task, manifest["classes"], select, bootstrap, seed, split)
+    if rescore:
+        summary["models"] = str(models.absolute())  # where `compare` finds the fold runs
     if holdout:
         m = json.loads((target / "metrics.json").read_text())
         summary["holdout"] = {
@@ -241,13 +244,13 @@ def cross_validate(
             "members": m["members"],
             "folder": str(target),
         }
-        write_json(out / "cv.json", summary)
+    write_json(out / "cv.json", summary)
     return summary
 
 
-def score_out_of_fold(out: Path, folds, task, classes, select, bootstrap, seed, split, rescore=None) -> dict:
-    """Pool the folds' held-out predictions; the task's metrics with bootstrap CIs, per-fold scores.
-    `rescore`: the CV folder whose fold models made them, when not OUT's own."""
+def score_out_of_fold(out: Path, folds, task, classes, select, bootstrap, seed, split) -> dict:
+    """Pool the folds' held-out predictions into OUT/oof_predictions.csv; the summary: the task's metrics
+    with bootstrap CIs, per-fold scores."""
     frames, per_fold = [], []
     for fold in folds:
         oof = fold_dir(out, fold) / "oof"
@@ -275,10 +278,7 @@ def score_out_of_fold(out: Path, folds, task, classes, select, bootstrap, seed, 
         "select": select,
         "oof": m,
     }
-    if rescore:
-        summary["models"] = str(Path(rescore).absolute())
     write_text(out / "oof_predictions.csv", oof.to_csv(index=False))
-    write_json(out / "cv.json", summary)
     return summary
 
 

@@ -310,6 +310,9 @@ def wait_until(predicate, what, timeout=600, poll=0.2):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+SLURM_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")  # the job states that are final
+
+
 def scontrol_job(env, job: str) -> dict:
     """`scontrol show job` of one job (or array task, `ARRAY_TASK`) as a dict of its fields."""
     out = subprocess.run(

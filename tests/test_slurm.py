@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import scontrol_job, usr1_lands_while_training, wait_until
+from tests.conftest import SLURM_ENDED, scontrol_job, usr1_lands_while_training, wait_until
 from tests.wandb_log import logged, run_record
 
 pytestmark = pytest.mark.slurm
@@ -161,9 +161,7 @@ def jobs(cluster, shards, tmp_path_factory):
 def wait_done(env, job, log) -> dict:
     def done():
         info = scontrol_job(env, job)
-        return (
-            info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
-        )
+        return info if info["JobState"] in SLURM_ENDED else None
 
     info = wait_until(done, f"job {job} to end", TIMEOUT_S)
     info["log"] = log.read_text(errors="replace") if log.exists() else ""

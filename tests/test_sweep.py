@@ -17,7 +17,7 @@ import yaml
 
 from lesionkit import sweep as S
 from lesionkit.cli import run_command
-from tests.conftest import make_shards, scontrol_job, usr1_lands_while_training, wait_until
+from tests.conftest import SLURM_ENDED, make_shards, scontrol_job, usr1_lands_while_training, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,9 +181,6 @@ def test_local_trains_each_run_and_a_rerun_skips_the_finished_ones(tmp_path, sha
 # ------------------------------------------------------------------------------------ Slurm
 
 
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
-
-
 @pytest.mark.slurm
 @pytest.mark.timeout(1200)  # the cluster's start, 4 tasks 2 at a time, the requeue
 def test_a_job_array_runs_the_sweep_with_a_preempted_task_requeued_then_compare(cluster, shards, tmp_path):
@@ -217,7 +214,7 @@ def test_a_job_array_runs_the_sweep_with_a_preempted_task_requeued_then_compare(
 
     def requeued():
         info = scontrol_job(cluster, tasks[0])
-        assert info["JobState"] not in ENDED, f"ended without a requeue:\n{first.read_text()}"
+        assert info["JobState"] not in SLURM_ENDED, f"ended without a requeue:\n{first.read_text()}"
         return info["Restarts"] == "1" and info["JobState"] == "PENDING"
 
     try:
@@ -230,7 +227,7 @@ def test_a_job_array_runs_the_sweep_with_a_preempted_task_requeued_then_compare(
 
     def ended(task):
         info = scontrol_job(cluster, task)
-        return info if info["JobState"] in ENDED else None
+        return info if info["JobState"] in SLURM_ENDED else None
 
     infos = [wait_until(lambda t=t: ended(t), f"task {t} to end") for t in tasks]
     text = [log.read_text(errors="replace") if log.exists() else "" for log in logs]
