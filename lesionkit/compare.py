@@ -10,7 +10,8 @@ draw?). Runs validated on other images cannot be paired, and the table says so.
 A `lesionkit cv` folder is one row too: its pooled out-of-fold predictions are its validation images
 (every training image once), its time the sum over its folds; so recipes are chosen by cross-validation
 with the same paired test (two CVs of one split pair image by image; CVs of different folds of that
-split, `cv --folds`, on the images both scored).
+split, `cv --folds`, on the images both scored, wherever each of those images was held out by the same
+fold in both: so the split of a folder packed again at another size, same ids and seed, pairs too).
 
 - Overrides: the config keys whose values differ between the runs compared (`output_dir`, `run_name`,
   `wandb_tags`, `resume` and `force` left out: they name or label a run, they do not change it).
@@ -58,7 +59,6 @@ class Run:
     loop: dict  # the trainer's loop state in last/: history, global_step
     record: dict  # the last entry of run.json: cwd, world_size
     cv: bool = False  # a `lesionkit cv` folder: scored on its out-of-fold predictions
-    split: dict | None = None  # a CV's split of its data (method, by, folds, seed): cv.json's `split`
 
     @property
     def name(self) -> str:
@@ -121,7 +121,7 @@ def load_cv(path: Path) -> Run:
         "history": [row for run in folds for row in run.loop["history"]],
         "global_step": sum(run.loop["global_step"] for run in folds),
     }
-    return Run(path, load_config(path / CONFIG), info, loop, folds[0].record, cv=True, split=summary["split"])
+    return Run(path, load_config(path / CONFIG), info, loop, folds[0].record, cv=True)
 
 
 def same_task(runs: list[Run]):
@@ -156,9 +156,9 @@ def validation_data(run: Run) -> tuple[list[str], list[int] | None]:
 
 
 def validation_predictions(run: Run, accelerator, batch_size: int, workers: int):
-    """(keys, labels, probs) of the run's best checkpoint on its validation images: from the cache in the
-    checkpoint folder, else scored now (and cached when the folder is writable); `accelerator()` gives
-    the Accelerator to score with."""
+    """(keys, labels, probs, folds) of the run's best checkpoint on its validation images: from the cache
+    in the checkpoint folder, else scored now (and cached when the folder is writable); `accelerator()`
+    gives the Accelerator to score with. `folds`: a CV's fold that held out each image, else None."""
     from lesionkit.evaluate import score
 
     classes, cache = list(run.info["classes"]), run.best / VAL_PREDICTIONS
@@ -166,7 +166,8 @@ def validation_predictions(run: Run, accelerator, batch_size: int, workers: int)
         cache = run.path / "oof_predictions.csv"
     if cache.is_file():
         df = pd.read_csv(cache, dtype={"image_id": str})
-        return df["image_id"].tolist(), df["label"].to_numpy(), df[classes].to_numpy()
+        folds = df["fold"].to_numpy() if run.cv else None
+        return df["image_id"].tolist(), df["label"].to_numpy(), df[classes].to_numpy(), folds
     from lesionkit import api
 
     acc = accelerator()
@@ -184,7 +185,7 @@ def validation_predictions(run: Run, accelerator, batch_size: int, workers: int)
         write_text(cache, predictions_frame(keys, labels, probs, classes).to_csv(index=False))
     except OSError as exc:
         print(f"lesionkit compare: {run.path}: validation predictions not cached ({exc.strerror or exc})")
-    return keys, labels, probs
+    return keys, labels, probs, None
 
 
 def evaluations(run: Run, monitor: str) -> dict[str, float | None]:
@@ -229,8 +230,8 @@ def compare(
 
     rows, preds = [], []
     for run in runs:
-        k, y, p = validation_predictions(run, accelerator, batch_size, workers)
-        preds.append((k, y, p))
+        k, y, p, folds = validation_predictions(run, accelerator, batch_size, workers)
+        preds.append((k, y, p, folds))
         m = task.metrics(y, p, classes)
         m["loss"] = m["nll"]  # as the trainer's validation names it
         times = sum(row["time_s"] for row in run.loop["history"])
@@ -260,8 +261,7 @@ def compare(
         else None
     )
     for i, row in enumerate(rows):
-        shared = _same_folds(runs[0], runs[i])
-        row.update(_paired(preds[0], preds[i], i == 0, score_fn, mon.name, bootstrap, seed, shared))
+        row.update(_paired(preds[0], preds[i], i == 0, score_fn, mon.name, bootstrap, seed))
     table = pd.DataFrame(rows)
     out = Path(out) if out else Path(os.path.commonpath([r.path.resolve().parent for r in runs]))
     write(table, out, over, mon, bootstrap)
@@ -276,25 +276,22 @@ def _plain(value):
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def _same_folds(a: Run, b: Run) -> bool:
-    """Two CVs of one data folder's one split: an image's out-of-fold prediction comes from the same fold
-    in both, so CVs of different fold subsets (`cv --folds`) pair on the images they share."""
-    return a.cv and b.cv and a.split == b.split and a.cfg.train[:1] == b.cfg.train[:1]
-
-
-def _paired(best, other, is_best: bool, score_fn, name: str, n: int, seed: int, shared: bool) -> dict:
-    """The paired bootstrap of the best run against `other` on the same images (with `shared`, two CVs of
-    one split: on the images both scored), or why there is none."""
+def _paired(best, other, is_best: bool, score_fn, name: str, n: int, seed: int) -> dict:
+    """The paired bootstrap of the best run against `other` on the same images (two CVs: on the images
+    both scored, where the same fold held out each in both), or why there is none."""
     none = {"diff": None, "diff_ci": None, "p": None}
     if is_best:
         return {"vs_best": "best", **none}
     how = "paired"
     if best[0] != other[0] or not np.array_equal(best[1], other[1]):
-        common = sorted(set(best[0]) & set(other[0])) if shared else []
+        cvs = best[3] is not None and other[3] is not None
+        common = sorted(set(best[0]) & set(other[0])) if cvs else []
         at = [dict(zip(keys, range(len(keys)))) for keys in (best[0], other[0])]  # image id -> row
         i, j = ([index[key] for key in common] for index in at)
         if not common or not np.array_equal(best[1][i], other[1][j]):
             return {"vs_best": "not paired: validated on other images", **none}
+        if not np.array_equal(best[3][i], other[3][j]):
+            return {"vs_best": "not paired: the CVs' folds differ", **none}
         best, other = (common, best[1][i], best[2][i]), (common, other[1][j], other[2][j])
         how = f"paired on the {len(common)} images both scored"
     if score_fn is None or not n:

@@ -296,3 +296,17 @@ def test_cv_trains_each_fold_scores_out_of_fold_and_continues(split, tmp_path, c
     }
     assert table["diff"][1] == pytest.approx(bacc[table["run"][0]] - bacc[table["run"][1]])
     assert f"(on the {n0} images both scored)" in (tmp_path / "cmp-fold0" / "compare.md").read_text()
+    # pairing follows the folds, not the folder's name: the same split of the same images packed again
+    # elsewhere (e.g. at another size) pairs; a CV whose images were held out by other folds does not
+    moved = tmp_path / "cv-moved-fold0"
+    shutil.copytree(one, moved, symlinks=True)
+    config = (moved / "cv-config.yaml").read_text()
+    assert str(split["2019"]) in config
+    (moved / "cv-config.yaml").write_text(config.replace(str(split["2019"]), str(tmp_path / "repacked")))
+    table = compare([out, moved], out=tmp_path / "cmp-moved", bootstrap=300)[0]
+    assert table["vs_best"][1] == f"paired on the {n0} images both scored"
+    shuffled = pd.read_csv(moved / "oof_predictions.csv")
+    shuffled["fold"] = 1
+    shuffled.to_csv(moved / "oof_predictions.csv", index=False)
+    table = compare([out, moved], out=tmp_path / "cmp-moved", bootstrap=300)[0]
+    assert table["vs_best"][1] == "not paired: the CVs' folds differ" and table["diff"].isna()[1]
