@@ -32,6 +32,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -67,6 +68,21 @@ class Run:
     @property
     def best(self) -> Path:
         return (self.path / "best").resolve()
+
+
+class Scored(NamedTuple):
+    """A run's validation predictions by image; `folds`: a CV's fold that held out each image, else None."""
+
+    keys: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    folds: np.ndarray | None = None
+
+    def rows(self, ids: list[str]) -> Scored:
+        """The predictions of `ids`, in that order."""
+        at = dict(zip(self.keys, range(len(self.keys))))
+        i = [at[key] for key in ids]
+        return Scored(ids, self.labels[i], self.probs[i], None if self.folds is None else self.folds[i])
 
 
 def is_run(path: Path) -> bool:
@@ -155,10 +171,10 @@ def validation_data(run: Run) -> tuple[list[str], list[int] | None]:
     return labelmaps.validation_folders(cfg), fold_selection(cfg)[1]
 
 
-def validation_predictions(run: Run, accelerator, batch_size: int, workers: int):
-    """(keys, labels, probs, folds) of the run's best checkpoint on its validation images: from the cache
-    in the checkpoint folder, else scored now (and cached when the folder is writable); `accelerator()`
-    gives the Accelerator to score with. `folds`: a CV's fold that held out each image, else None."""
+def validation_predictions(run: Run, accelerator, batch_size: int, workers: int) -> Scored:
+    """The run's best checkpoint on its validation images (a CV: its out-of-fold predictions): from the
+    cache in the checkpoint folder, else scored now (and cached when the folder is writable);
+    `accelerator()` gives the Accelerator to score with."""
     from lesionkit.evaluate import score
 
     classes, cache = list(run.info["classes"]), run.best / VAL_PREDICTIONS
@@ -167,7 +183,7 @@ def validation_predictions(run: Run, accelerator, batch_size: int, workers: int)
     if cache.is_file():
         df = pd.read_csv(cache, dtype={"image_id": str})
         folds = df["fold"].to_numpy() if run.cv else None
-        return df["image_id"].tolist(), df["label"].to_numpy(), df[classes].to_numpy(), folds
+        return Scored(df["image_id"].tolist(), df["label"].to_numpy(), df[classes].to_numpy(), folds)
     from lesionkit import api
 
     acc = accelerator()
@@ -185,7 +201,7 @@ def validation_predictions(run: Run, accelerator, batch_size: int, workers: int)
         write_text(cache, predictions_frame(keys, labels, probs, classes).to_csv(index=False))
     except OSError as exc:
         print(f"lesionkit compare: {run.path}: validation predictions not cached ({exc.strerror or exc})")
-    return keys, labels, probs, None
+    return Scored(keys, labels, probs)
 
 
 def evaluations(run: Run, monitor: str) -> dict[str, float | None]:
@@ -230,8 +246,9 @@ def compare(
 
     rows, preds = [], []
     for run in runs:
-        k, y, p, folds = validation_predictions(run, accelerator, batch_size, workers)
-        preds.append((k, y, p, folds))
+        scored = validation_predictions(run, accelerator, batch_size, workers)
+        preds.append(scored)
+        k, y, p = scored.keys, scored.labels, scored.probs
         m = task.metrics(y, p, classes)
         m["loss"] = m["nll"]  # as the trainer's validation names it
         times = sum(row["time_s"] for row in run.loop["history"])
@@ -276,27 +293,25 @@ def _plain(value):
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def _paired(best, other, is_best: bool, score_fn, name: str, n: int, seed: int) -> dict:
+def _paired(best: Scored, other: Scored, is_best: bool, score_fn, name: str, n: int, seed: int) -> dict:
     """The paired bootstrap of the best run against `other` on the same images (two CVs: on the images
     both scored, where the same fold held out each in both), or why there is none."""
     none = {"diff": None, "diff_ci": None, "p": None}
     if is_best:
         return {"vs_best": "best", **none}
     how = "paired"
-    if best[0] != other[0] or not np.array_equal(best[1], other[1]):
-        cvs = best[3] is not None and other[3] is not None
-        common = sorted(set(best[0]) & set(other[0])) if cvs else []
-        at = [dict(zip(keys, range(len(keys)))) for keys in (best[0], other[0])]  # image id -> row
-        i, j = ([index[key] for key in common] for index in at)
-        if not common or not np.array_equal(best[1][i], other[1][j]):
+    if best.keys != other.keys or not np.array_equal(best.labels, other.labels):
+        cvs = best.folds is not None and other.folds is not None
+        common = sorted(set(best.keys) & set(other.keys)) if cvs else []
+        best, other = best.rows(common), other.rows(common)
+        if not common or not np.array_equal(best.labels, other.labels):
             return {"vs_best": "not paired: validated on other images", **none}
-        if not np.array_equal(best[3][i], other[3][j]):
+        if not np.array_equal(best.folds, other.folds):
             return {"vs_best": "not paired: the CVs' folds differ", **none}
-        best, other = (common, best[1][i], best[2][i]), (common, other[1][j], other[2][j])
         how = f"paired on the {len(common)} images both scored"
     if score_fn is None or not n:
         return {"vs_best": f"no bootstrap for {name}" if n else "no bootstrap (--bootstrap 0)", **none}
-    test = M.paired_bootstrap(best[1], best[2], other[2], score_fn, n=n, seed=seed)
+    test = M.paired_bootstrap(best.labels, best.probs, other.probs, score_fn, n=n, seed=seed)
     return {"vs_best": how, "diff": test["difference"], "diff_ci": test["ci"], "p": test["p"]}
 
 
