@@ -102,6 +102,11 @@ class TrainConfig:
     )
     val_tta: str = opt("none", "validate on averaged test-time views, as `evaluate --tta` scores", TTA_MODES)
     early_stop_patience: int = opt(0, "stop after this many epochs without a better monitor (0 = off)")
+    time_limit_min: float = opt(
+        0.0,
+        "end training after the first epoch past which one more, at the mean epoch time so far, would pass "
+        "this many minutes (0 = off); the epoch count then depends on the machine's speed",
+    )
     ema_decay: float = opt(0.0, "keep an exponential moving average of the weights and validate it (0 = off)")
     skip_nonfinite: bool = opt(False, "skip a step whose loss is NaN/inf instead of stopping")
     # run
@@ -283,6 +288,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"image_size must be within 32..2048, got {cfg.image_size}")
     if cfg.workers < 0:
         raise ConfigError(f"workers must be >= 0, got {cfg.workers}")
+    if cfg.time_limit_min < 0:
+        raise ConfigError(f"time_limit_min must be >= 0 (0 = no limit), got {cfg.time_limit_min:g}")
     if cfg.decode == "device" and cfg.augment_placement == "workers":
         raise ConfigError(
             "decode=device leaves no pixels in the loader workers: use augment_placement device"

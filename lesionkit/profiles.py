@@ -30,6 +30,7 @@ MACHINE_KEYS = frozenset(
         "lr_scaling",
         "lr_warmup_epochs",
         "augment_placement",
+        "time_limit_min",
     }
 )
 GENERIC = {

@@ -89,6 +89,7 @@ class LoopState:
     global_step: int = 0
     best: float = -float("inf")
     bad_epochs: int = 0
+    seconds: float = 0.0  # spent in completed epochs (training + validation), for --time-limit-min
     wandb_id: str = ""
     history: list = field(default_factory=list)
 
@@ -714,6 +715,28 @@ def check_data(ctx: TrainContext) -> list[str]:
     return lines
 
 
+def stop_reason(ctx: TrainContext, state: LoopState) -> str:
+    """Why training ends before `epochs` (empty: it goes on). Every rank takes the same branch: early
+    stopping reads the all-reduced validation score; the time limit is all-reduced here, so the slowest
+    rank's clock decides for all."""
+    cfg = ctx.cfg
+    if cfg.early_stop_patience and state.bad_epochs >= cfg.early_stop_patience:
+        return (
+            f"early stopping at epoch {state.epoch}: {ctx.monitor.name} has not improved for "
+            f"{state.bad_epochs} epochs (best {state.best:.4f})"
+        )
+    if cfg.time_limit_min and state.epoch < cfg.epochs:
+        mean = state.seconds / state.epoch
+        (over,) = total(ctx.accelerator, state.seconds + mean > cfg.time_limit_min * 60)
+        if over:
+            return (
+                f"time limit: stopping after epoch {state.epoch} of {cfg.epochs}: "
+                f"{state.seconds / 60:.1f} min so far, one more epoch (~{mean / 60:.1f} min) would pass "
+                f"--time-limit-min {cfg.time_limit_min:g}"
+            )
+    return ""
+
+
 def _loop(ctx: TrainContext) -> int:
     cfg, state, accelerator = ctx.cfg, ctx.state, ctx.accelerator
     if cfg.resume:
@@ -751,18 +774,17 @@ def _loop(ctx: TrainContext) -> int:
         step_scheduler(ctx.scheduler, score if score is not None else ctx.monitor.worst)
         improved = ctx.monitor.better(score, state.best)
         state.best, state.bad_epochs = (score, 0) if improved else (state.best, state.bad_epochs + 1)
-        state.epoch, state.step = state.epoch + 1, 0
+        seconds = time.perf_counter() - t0
+        state.epoch, state.step, state.seconds = state.epoch + 1, 0, state.seconds + seconds
         row = ctx.reporter.epoch(
-            state, stats, metrics, lr, time.perf_counter() - t0, val_y, val_p, ctx.classes, val_keys, improved
+            state, stats, metrics, lr, seconds, val_y, val_p, ctx.classes, val_keys, improved
         )
         state.history.append(row)
         save_checkpoint(ctx, metrics, best=improved, val=(val_y, val_p))
         ctx.reporter.saved(state, metrics, best=improved)
-        if cfg.early_stop_patience and state.bad_epochs >= cfg.early_stop_patience:
-            ctx.reporter.print(
-                f"early stopping at epoch {state.epoch}: {ctx.monitor.name} has not improved for "
-                f"{state.bad_epochs} epochs (best {state.best:.4f})"
-            )
+        reason = stop_reason(ctx, state)
+        if reason:
+            ctx.reporter.print(reason)
             break
 
     from accelerate.utils import gather_object

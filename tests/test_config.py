@@ -56,6 +56,10 @@ CASES = {
         ["--monitor", "isic2071_score"],
         ["monitor 'isic2071_score'", "valid monitors:", "isic2017_score", "auc_melanoma", "loss"],
     ),
+    "negative time limit": (
+        ["--time-limit-min", "-5"],
+        ["time_limit_min must be >= 0 (0 = no limit), got -5"],
+    ),
     "bad augment op": (["--augment-overrides", "{hairs: {p: 1}}"], ["unknown augmentation op 'hairs'"]),
     "device decode, worker augmentation": (
         ["--decode", "device", "--augment-placement", "workers"],

@@ -192,6 +192,20 @@ def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path, tiny_shards
     assert len(set(json.loads((out / "world.json").read_text())["weights_sha256"])) == 1
 
 
+@pytest.mark.ddp
+def test_time_limit_ends_every_rank_after_the_same_epoch(tmp_path, tiny_shards):
+    out = tmp_path / "timed"
+    # 0.001 min is far below two epochs: after epoch 1 one more would pass it, so training ends there (of 4)
+    res = train(out, tiny_shards, "--epochs", "4", "--time-limit-min", "0.001", procs=2)
+    assert "time limit: stopping after epoch 1 of 4" in res.stdout
+    assert json.loads((out / "status.json").read_text()) == pytest.approx(
+        {"status": "completed", "epoch": 1, "step": 0, "best": history(out)[0]["isic2017_score"]}
+    )
+    world = json.loads((out / "world.json").read_text())
+    assert world["world_size"] == 2 and len(set(world["weights_sha256"])) == 1
+    assert trainer_state(out / "last")["loop"]["seconds"] > 0  # --resume goes on counting from here
+
+
 @pytest.mark.slow
 def test_resume_from_last_reproduces_the_uninterrupted_run(tmp_path, tiny_shards, single):
     out = tmp_path / "resumed"
