@@ -124,3 +124,86 @@ def test_checkpoints_of_other_classes_are_refused_naming_them(fx, tmp_path, caps
     assert err.startswith("lesionkit ensemble: error: ") and len(err.splitlines()) == 1
     assert f"checkpoint {other} was trained on classes ['benign', 'melanoma'] but {fx['a']}" in err
     assert not (tmp_path / "out").exists()
+
+
+def _cv_folder(path: Path, labels, probs, folds, ids, task="isic2017", classes=CLASSES) -> Path:
+    """A finished CV's two files `ensemble --oof` reads (the real ones are tested in test_folds)."""
+    path.mkdir()
+    (path / "cv.json").write_text(json.dumps({"task": task}))
+    df = pd.DataFrame({"image_id": ids, "label": labels, "label_name": [classes[i] for i in labels]})
+    df[list(classes)] = probs
+    df.assign(fold=folds).to_csv(path / "oof_predictions.csv", index=False)
+    return path
+
+
+def test_oof_ensemble_of_cvs_is_their_mean_scored_per_fold_and_paired_with_each(tmp_path, capsys):
+    labels, probs = _planted()
+    ids, folds = [f"ISIC_{i:07d}" for i in range(len(labels))], np.arange(len(labels)) % 3
+    cvs = [_cv_folder(tmp_path / f"cv-{i}", labels, probs[i], folds, ids) for i in (1, 2)]
+    # the second CV lists its images in another order and scored 10 more (its other folds): the ensemble
+    # pairs the images both scored, by id
+    extra = _cv_folder(
+        tmp_path / "cv-more",
+        np.r_[labels, [0] * 10],
+        np.r_[probs[2], probs[2][:10]],
+        np.r_[folds, [3] * 10],
+        ids + [f"x{i}" for i in range(10)],
+    )
+    out = tmp_path / "ens"
+    argv = ["--oof", str(cvs[0]), str(extra), "--out", str(out), "--bootstrap", "200"]
+    assert run_command("ensemble", argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    mean = (probs[1] + probs[2]) / 2
+    df = pd.read_csv(out / "predictions.csv")
+    assert df["image_id"].tolist() == ids and np.abs(df[CLASSES].to_numpy() - mean).max() < 1e-9
+    assert m["n"] == len(labels) and m["isic2017_score"] == pytest.approx(
+        ISIC2017.metrics(labels, mean, CLASSES)["isic2017_score"]
+    )
+    assert [f["fold"] for f in m["folds"]] == [0, 1, 2] and [f["n"] for f in m["folds"]] == [100] * 3
+    rows = folds == 1
+    assert m["folds"][1]["isic2017_score"] == pytest.approx(
+        ISIC2017.metrics(labels[rows], mean[rows], CLASSES)["isic2017_score"]
+    )
+    # each member alone ranks one class: the mean beats both, by the paired bootstrap on the same images
+    singles = [ISIC2017.metrics(labels, probs[i], CLASSES)["isic2017_score"] for i in (1, 2)]
+    for row, single in zip(m["vs_members"], singles):
+        assert row["difference"] == pytest.approx(m["isic2017_score"] - single) and row["p"] < 0.01
+    printed = capsys.readouterr().out
+    assert (
+        f"out-of-fold isic2017_score {m['isic2017_score']:.4f}" in printed
+        and f"over {len(labels)} images" in printed
+    )
+    assert f"ensemble - {cvs[0]}: {m['vs_members'][0]['difference']:+.4f}" in printed
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("fold", "{b}: 1 of the 300 images it shares with {a} were held out by another fold"),
+        ("task", "{b} is a custom CV on classes"),
+        ("none", "{b} scored none of the images {a} scored"),
+        ("data", "--oof averages the predictions each CV saved"),
+        ("notcv", "{b}: not a finished cross-validation folder"),
+    ],
+)
+def test_oof_ensemble_refuses_cvs_of_other_splits_tasks_or_images(tmp_path, capsys, case, needle):
+    labels, probs = _planted()
+    ids, folds = [f"ISIC_{i:07d}" for i in range(len(labels))], np.arange(len(labels)) % 3
+    a = _cv_folder(tmp_path / "a", labels, probs[1], folds, ids)
+    b_folds, b_ids, task = folds.copy(), list(ids), "isic2017"
+    if case == "fold":
+        b_folds[7] = (b_folds[7] + 1) % 3
+    if case == "none":
+        b_ids = [f"other-{i}" for i in ids]
+    if case == "task":
+        task = "custom"
+    b = tmp_path / "b"
+    if case == "notcv":
+        b.mkdir()
+    else:
+        _cv_folder(b, labels, probs[2], b_folds, b_ids, task=task)
+    extra = ["--data", str(tmp_path)] if case == "data" else []
+    assert run_command("ensemble", ["--oof", str(a), str(b), "--out", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lesionkit ensemble: error: ") and len(err.splitlines()) == 1
+    assert needle.format(a=a, b=b) in err and not (tmp_path / "out").exists()

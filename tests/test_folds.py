@@ -266,6 +266,15 @@ def test_cv_trains_each_fold_scores_out_of_fold_and_continues(split, tmp_path, c
     table = compare([out, flips], out=tmp_path / "cmp-flips", bootstrap=300)[0]
     assert set(table["run"]) == {"cv", "cv-flips"} and "paired" in set(table["vs_best"])
     assert sorted(table["val_tta"]) == ["flips", "none"]
+    # the two CVs as an ensemble of recipes (`ensemble --oof`): the mean of their out-of-fold predictions
+    assert run_command("ensemble", ["--oof", str(out), str(flips), "--out", str(tmp_path / "ens-oof")]) == 0
+    both = pd.read_csv(tmp_path / "ens-oof" / "predictions.csv", dtype={"image_id": str})
+    mean = (oof[list(ISIC2019_CLASSES)].to_numpy() + flipped[list(ISIC2019_CLASSES)].to_numpy()) / 2
+    assert list(both["image_id"]) == list(oof["image_id"].astype(str))
+    assert np.abs(both[list(ISIC2019_CLASSES)].to_numpy() - mean).max() < 1e-9
+    ens = json.loads((tmp_path / "ens-oof" / "metrics.json").read_text())
+    assert ens["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, mean.argmax(1)))
+    assert [f["fold"] for f in ens["folds"]] == [0, 1] and len(ens["vs_members"]) == 2
     # refusals, each before any scoring: another training config, a rescoring into a training CV (or the
     # reverse), a config whose validation steered training
     for flags, needle in [
