@@ -66,7 +66,12 @@ def test_grid_is_the_cartesian_product_then_the_listed_runs_with_readable_names(
     assert r18["wandb_group"] == "g" and r18["run_name"] == "r18-seed1"
     assert r18["wandb_tags"] == "model=resnet18,pretrained=True,seed=1"
     # keys the sweep sets win over the base's profiles sections too; the others stay there
-    assert r18["profiles"]["cpu"] == {"batch_size": 32, "workers": 2, "channels_last": True}
+    assert r18["profiles"]["cpu"] == {
+        "batch_size": 32,
+        "workers": 2,
+        "channels_last": True,
+        "time_limit_min": 10,
+    }
     assert sweep.runs[5].recipe["augment_overrides"] == {"hair": {"p": 0}}
     # deterministic: the same file gives the same plan
     again = S.expand(tmp_path / "g.yaml", flags={"epochs": 1, "seed": 7})
