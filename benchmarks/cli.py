@@ -148,6 +148,11 @@ def add_arguments(parser) -> None:
         default=0,
         help="torch threads per process (default: torch's; accelerate gives ranks 1); 1 on a busy CPU",
     )
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="also profile one e2e pass (torch.profiler) and write its operator tables to FILE",
+    )
     p.add_argument("--result-file", help=argparse.SUPPRESS)  # set for the ranks of a --world N run
     _add_common(p)
 

@@ -28,6 +28,7 @@ from benchmarks.harness import (
     sync,
 )
 from lesionkit import train as trainer
+from lesionkit.atomic import write_text
 from lesionkit.augment import PRESETS
 from lesionkit.config import TrainConfig
 from lesionkit.data import Batch
@@ -109,6 +110,8 @@ def _e2e_rank(args) -> dict:
     for name, row in rows.items():
         timed = totals[name][-args.repeats :]  # the warm-up pass also starts the loader workers
         row["data_wait"] = round(statistics.median(t.data_wait for t in timed), 3)
+    if args.profile and rank == 0:
+        _profile(epoch("e2e"), device, args.profile)
     result = {
         "rank": rank,
         "world": world,
@@ -123,6 +126,23 @@ def _e2e_rank(args) -> dict:
         result = gather_object([result])
     accelerator.end_training()
     return result
+
+
+def _profile(run: Callable[[], int], device: torch.device, path: str) -> None:
+    """One more e2e pass under torch.profiler; its operators by self device time and by self CPU time go to
+    `path` (which ops a GPU waits on, which ones keep the CPU busy or block it: cudaStreamSynchronize)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with profile(activities=activities) as prof:
+        run()
+    table = prof.key_averages()
+    text = [f"one e2e pass (the real loader, augmentation and step) on {device}", ""]
+    for key in ("self_cuda_time_total",) * cuda + ("self_cpu_time_total",):
+        text += [f"sorted by {key}", table.table(sort_by=key, row_limit=30, max_name_column_width=60), ""]
+    write_text(path, "\n".join(text))
+    print(f"profile of one e2e pass: {path}")
 
 
 # --- --world N: the same measurement in N CPU DDP processes ---------------------------------------------

@@ -39,6 +39,11 @@ Overrides: one scheme, by op name, each a mapping of that op's parameters (see `
 `augment_overrides: {elastic: {p: 0.0}}`. Unknown ops or parameters raise ValueError listing the valid ones
 (TypeError when an op's value is not a mapping).
 
+Random parameters are drawn on the CPU (the same stream on any device) and moved with `non_blocking=True`:
+a blocking host-to-device copy waits for all the GPU work queued before it, so the ~20 copies of a `derm`
+batch would each stall the CPU (measured on an H200: docs/performance.md#gpu); a non-blocking copy from
+pageable memory is staged at once, so the CPU tensor may be freed.
+
 Reproducibility: `forward(x, seed=s)` gives the same output for the same batch and seed. A module built
 with `seed=` draws its k-th train batch from a stream keyed by (seed, loader worker seed, k), so reruns
 repeat exactly; without a seed it uses torch's global RNG (seeded by the trainer).
@@ -143,7 +148,7 @@ def _apply(x: torch.Tensor, sel: torch.Tensor, fn) -> torch.Tensor:
     """x with fn applied to the selected samples; skips the gather/scatter when all are selected."""
     if bool(sel.all()):
         return fn(x)
-    idx = sel.nonzero().squeeze(1).to(x.device)  # indices made on the CPU: no device sync, unlike a bool mask
+    idx = sel.nonzero().squeeze(1).to(x.device, non_blocking=True)  # CPU-made: no sync, unlike a bool mask
     x[idx] = fn(x[idx])
     return x
 
@@ -260,7 +265,11 @@ class Augment(nn.Module):
         if (sel := _gate(B, P["grayscale"]["p"])) is not None:
             x = _apply(x, sel, lambda v: kornia.color.rgb_to_grayscale(v).repeat(1, 3, 1, 1))
         if (sel := _gate(B, P["noise"]["p"])) is not None:
-            std = (torch.rand(int(sel.sum())) * P["noise"]["std"]).to(x.device).view(-1, 1, 1, 1)
+            std = (
+                (torch.rand(int(sel.sum())) * P["noise"]["std"])
+                .to(x.device, non_blocking=True)
+                .view(-1, 1, 1, 1)
+            )
             x = _apply(x, sel, lambda v: v.add_(torch.randn_like(v).mul_(std)))
         return x
 
@@ -336,9 +345,12 @@ class Augment(nn.Module):
                 h, w = x.shape[-2:]
             short = min(h, w)
             theta = torch.cat([A, b.unsqueeze(-1)], -1) * torch.tensor([short / w, short / h]).view(1, 2, 1)
-            grid = _affine_grid(theta.to(x.device), S)  # F.affine_grid's bmm is 4x slower on CPU
+            # F.affine_grid's bmm is 4x slower on CPU
+            grid = _affine_grid(theta.to(x.device, non_blocking=True), S)
             if disp is not None:
-                grid += F.interpolate(disp.to(x.device), size=(S, S), mode="bilinear", align_corners=True)
+                grid += F.interpolate(
+                    disp.to(x.device, non_blocking=True), size=(S, S), mode="bilinear", align_corners=True
+                )
             # Outside the image is black, like a dermatoscope's vignette ("reflection" mirrors lesions that
             # touch the border into ghost lesions).
             return F.grid_sample(
@@ -379,20 +391,25 @@ class Augment(nn.Module):
 
         dev = x.device
         t = torch.linspace(0, 1, 2 * S, device=dev).view(1, 1, -1, 1)
-        s0, c0, e0 = start.to(dev)[:, :, None], ctrl.to(dev)[:, :, None], end.to(dev)[:, :, None]
+        s0, c0, e0 = (
+            start.to(dev, non_blocking=True)[:, :, None],
+            ctrl.to(dev, non_blocking=True)[:, :, None],
+            end.to(dev, non_blocking=True)[:, :, None],
+        )
         pts = (1 - t) ** 2 * s0 + 2 * (1 - t) * t * c0 + t**2 * e0  # [n,K,M,2], ~0.5 px apart
         off = torch.stack(torch.meshgrid(torch.arange(W), torch.arange(W), indexing="xy"), -1).view(-1, 2)
         keep = (off.view(1, 1, -1, 2) < width.view(n, K, 1, 1)).all(-1) & active[..., None]  # [n,K,O]
-        xy = pts.floor().long()[:, :, :, None, :] + off.to(dev).view(1, 1, 1, -1, 2)  # [n,K,M,O,2]
-        inside = ((xy >= 0) & (xy < S)).all(-1) & keep.to(dev)[:, :, None, :]
+        off = off.to(dev, non_blocking=True).view(1, 1, 1, -1, 2)
+        xy = pts.floor().long()[:, :, :, None, :] + off  # [n,K,M,O,2]
+        inside = ((xy >= 0) & (xy < S)).all(-1) & keep.to(dev, non_blocking=True)[:, :, None, :]
         flat = (torch.arange(n, device=dev).view(n, 1, 1, 1) * S + xy[..., 1]) * S + xy[..., 0]
         # Off-image points go to one spare slot at the end (no boolean indexing: no device sync).
         flat = torch.where(inside, flat, n * S * S).view(-1)
-        values = alpha.to(dev).view(n, 1, 1, 1).expand_as(xy[..., 0]).reshape(-1)
+        values = alpha.to(dev, non_blocking=True).view(n, 1, 1, 1).expand_as(xy[..., 0]).reshape(-1)
         mask = torch.zeros(n * S * S + 1, device=dev).scatter_reduce_(0, flat, values, reduce="amax")
         mask = mask[:-1].view(n, 1, S, S)
         mask = torch.maximum(mask, 0.5 * F.avg_pool2d(mask, 3, 1, 1))  # soft edge
-        colour = colour.to(dev).view(n, 3, 1, 1)
+        colour = colour.to(dev, non_blocking=True).view(n, 3, 1, 1)
         return _apply(x, sel, lambda v: v.mul_(1 - mask).add_(colour * mask))
 
     # ---- colour jitter as one per-sample affine colour transform ---------------------------------
@@ -408,11 +425,16 @@ class Augment(nn.Module):
         luma = torch.tensor(_LUMA)
         saturation = sat.view(B, 1, 1) * torch.eye(3) + (1 - sat).view(B, 1, 1) * luma.view(1, 1, 3)
         matrix = _hue_rotation(hue) @ saturation * (bright * contrast).view(B, 1, 1)
-        matrix, offset_scale = matrix[sel].to(x.device), ((1 - contrast) * bright)[sel].to(x.device)
+        matrix, offset_scale = (
+            matrix[sel].to(x.device, non_blocking=True),
+            ((1 - contrast) * bright)[sel].to(x.device, non_blocking=True),
+        )
 
         def jitter(v):
             # contrast blends towards the image's mean grey; grey is a fixed point of hue and saturation
-            grey_mean = torch.einsum("c,bchw->b", luma.to(v.device), v) / (v.shape[-1] * v.shape[-2])
+            grey_mean = torch.einsum("c,bchw->b", luma.to(v.device, non_blocking=True), v) / (
+                v.shape[-1] * v.shape[-2]
+            )
             out = torch.einsum("bij,bjhw->bihw", matrix, v)
             return out.add_((offset_scale * grey_mean).view(-1, 1, 1, 1))
 
