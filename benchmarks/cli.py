@@ -149,6 +149,12 @@ def add_arguments(parser) -> None:
         help="torch threads per process (default: torch's; accelerate gives ranks 1); 1 on a busy CPU",
     )
     p.add_argument(
+        "--decode",
+        choices=("workers", "device"),
+        default="workers",
+        help="where JPEGs are decoded (device: workers only read bytes, nvJPEG on a GPU; as train --decode)",
+    )
+    p.add_argument(
         "--profile",
         metavar="FILE",
         help="also profile one e2e pass (torch.profiler) and write its operator tables to FILE",

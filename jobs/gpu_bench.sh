@@ -9,7 +9,8 @@
 # 3. `bench aug`: each preset beside a resnet18 step (batch 256, 224 px);
 # 4. `bench e2e resnet18`: the real loop, bf16 + channels_last + derm preset + 16 loader workers, beside
 #    the step of the same model/batch in the same run (goal: e2e >= 0.9x step, >= 8,000 images/s on an H100),
-#    with a torch.profiler table of one pass (e2e_profile.txt); again without augmentation (the loader alone);
+#    with a torch.profiler table of one pass (e2e_profile.txt); again without augmentation (the loader alone)
+#    and with the JPEGs decoded on the GPU (`--decode device`: the workers only read bytes);
 # 5. `bench loader`: the shard stream from disk and over HTTP with the same workers, and the CPU ms per image
 #    of read + decode + collate at 224 px with the loader cores the measured e2e rate needs (issue 16);
 #    and the stream with `decode=device` (workers read bytes, nvJPEG decodes each batch on the GPU), with
@@ -75,6 +76,7 @@ print(round([r for r in rows if r.get("bench") == "e2e"][-1]["cases"]["e2e"]["it
 PY
 )
 step "bench e2e resnet18, no augmentation" e2e_none.log "$LK" "${E2E[@]}" --preset none
+step "bench e2e resnet18, JPEGs decoded on the device" e2e_device.log "$LK" "${E2E[@]}" --preset derm --decode device
 
 step "bench loader (GPU rate $rate images/s)" loader.log "$LK" bench loader "$DATA/shards" \
   --workers "$WORKERS" --batch-size "$BATCH" --repeats 1 --gpu-rate "$rate" --device "$DEVICE" --out "$RESULTS"

@@ -225,3 +225,18 @@ def test_measure_does_not_charge_its_garbage_collection_to_the_case():
     row = measure(lambda: 1, repeats=3)
     assert row["cpu_ms_per_item"] < 5, row
     del junk
+
+
+def test_bench_e2e_decodes_on_the_device_when_asked(tmp_path):
+    # --decode device: the workers hand over JPEG bytes, the loop decodes each batch where it trains (here
+    # the CPU, the same code path as nvJPEG on a GPU), so augmentation must run there too
+    data = tmp_path / "shards"
+    make_shards(data, n=32, num_shards=2, size=64)
+    out = tmp_path / "bench.jsonl"
+    args = ["bench", "e2e", "customnet", "--data", str(data), "--device", "cpu", "--image-size", "64"]
+    args += ["--batch-size", "8", "--steps", "2", "--workers", "1", "--repeats", "1", "--out", str(out)]
+    assert main([*args, "--decode", "device"]) == 0
+    record = last_record(out)
+    assert record["params"]["decode"] == "device" and record["params"]["placement"] == "device"
+    assert record["cases"]["e2e"]["items"] == 16
+    assert main([*args, "--decode", "device", "--placement", "workers"]) == 2  # no pixels in the workers

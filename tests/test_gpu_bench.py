@@ -35,14 +35,18 @@ def test_gpu_bench_runs_every_step_and_reports_a_failing_one(tmp_path):
     res = _run(tmp_path / "ok", tmp_path / "data32", 32)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "ok" / "gpu_bench.jsonl").read_text().splitlines()]
-    assert [r["bench"] for r in rows] == ["step", "aug", "aug-placement", "e2e", "e2e", "loader"]
+    assert [r["bench"] for r in rows] == ["step", "aug", "aug-placement", "e2e", "e2e", "e2e", "loader"]
     e2e = [r for r in rows if r["bench"] == "e2e"]
-    assert [r["params"]["preset"] for r in e2e] == ["derm", "none"]
+    assert [(r["params"]["preset"], r["params"]["decode"]) for r in e2e] == [
+        ("derm", "workers"),
+        ("none", "workers"),
+        ("derm", "device"),
+    ]
     # the loader's core count is computed at the e2e rate with augmentation (the first e2e row)
     assert rows[-1]["params"]["gpu_rate"] == round(e2e[0]["cases"]["e2e"]["items_per_s"])
     assert all(r["params"]["device"] == "cpu" for r in rows if "device" in r["params"])
     assert "sorted by self_cpu_time_total" in (tmp_path / "ok" / "e2e_profile.txt").read_text()
-    for log in ("step", "aug", "e2e", "e2e_none", "loader"):
+    for log in ("step", "aug", "e2e", "e2e_none", "e2e_device", "loader"):
         assert (tmp_path / "ok" / f"{log}.log").stat().st_size > 0, log
 
     # the same shards (no new synth) trained at 16 px: `bench aug` refuses sizes under 32 (exit 2); the steps
@@ -51,4 +55,4 @@ def test_gpu_bench_runs_every_step_and_reports_a_failing_one(tmp_path):
     assert res.returncode == 1, (res.stdout + res.stderr)[-3000:]
     assert "FAILED: bench aug (exit 2)" in res.stdout and "failed: bench aug" in res.stdout
     rows = [json.loads(line) for line in (tmp_path / "bad" / "gpu_bench.jsonl").read_text().splitlines()]
-    assert [r["bench"] for r in rows] == ["step", "e2e", "e2e", "loader"]
+    assert [r["bench"] for r in rows] == ["step", "e2e", "e2e", "e2e", "loader"]
