@@ -1,12 +1,14 @@
 """A seeded tiny training run gives bit-identical weights: the digest below was recorded before the loop's
 refactor into `build()` / `train_one_epoch()` / `Reporter` (issue 13) and must never change by accident.
 
-The bits depend on the CPU kernels torch picks (oneDNN/MKL take other code paths with AVX-512), so the
-digest is recorded per (torch version, ATen CPU capability), one thread: AVX2 on the first sessions'
-machines (no AVX-512); AVX512 on a Sapphire Rapids one, where the pre-refactor commit ecbcdf0 gives that
-same digest. On a machine not in the table the test still asserts that two runs with the same seed agree
-bit for bit, and prints the digest to record. A deliberate change of what a run computes (a new seed
-scheme, another default) updates every entry in the same commit, saying why.
+The bits depend on the CPU kernels torch picks (oneDNN/MKL take other code paths with AVX-512, and other
+ones again on AMD's AVX-512 than on Intel's), so the digest is recorded per (torch version, ATen CPU
+capability, CPU vendor), one thread: AVX2 on the first sessions' AMD EPYC machines (no AVX-512); AVX512 on
+an Intel Sapphire Rapids one, where the pre-refactor commit ecbcdf0 gives that same digest; AVX512 on an
+AMD EPYC one (2026-12-04; commit ba77ca5 gives it too). On a machine not in the table the test still
+asserts that two runs with the same seed agree bit for bit, and prints the digest to record. A deliberate
+change of what a run computes (a new seed scheme, another default) updates every entry in the same commit,
+saying why.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,8 +24,9 @@ from tests.conftest import make_shards
 from tests.test_train import REPO, TINY, TRAIN, env
 
 WEIGHTS_SHA256 = {
-    ("2.14.1", "AVX2"): "617892f43a2d720f476e3aa219f77a618747bcf3eed50b35d753f24441f900a5",
-    ("2.14.1", "AVX512"): "23e7f6cebae116c3674351a8476945e88c41f0fb3485509027435f1fccdd942e",
+    ("2.14.1", "AVX2", "AuthenticAMD"): "617892f43a2d720f476e3aa219f77a618747bcf3eed50b35d753f24441f900a5",
+    ("2.14.1", "AVX512", "GenuineIntel"): "23e7f6cebae116c3674351a8476945e88c41f0fb3485509027435f1fccdd942e",
+    ("2.14.1", "AVX512", "AuthenticAMD"): "367cceae97f3828a378f94791a3823df070bb6efaaf661aa3fb3e4eb98460566",
 }
 RUN = [
     *TINY,
@@ -38,6 +42,15 @@ RUN = [
     "--seed",
     "7",
 ]
+
+
+def cpu_vendor() -> str:
+    """GenuineIntel / AuthenticAMD from /proc/cpuinfo ("" where there is none: no digest is checked)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
 
 
 def seeded_run(tmp_path, out) -> str:
@@ -71,7 +84,7 @@ def test_seeded_tiny_run_gives_the_recorded_weights(tmp_path):
     make_shards(tmp_path / "val", 32, 2, seed=2, prefix="VAL_")
     first, second = seeded_run(tmp_path, tmp_path / "run1"), seeded_run(tmp_path, tmp_path / "run2")
     assert first == second
-    key = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability())
+    key = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability(), cpu_vendor())
     print(f"weights digest on {key}: {first}")
     if key in WEIGHTS_SHA256:
         assert first == WEIGHTS_SHA256[key]
