@@ -20,7 +20,8 @@
 # A failing step is logged and the next one still runs (GPU time is scarce: one broken case must not cost
 # the others); the script exits 1 naming the failed steps.
 # LK_BENCH_DEVICE=cpu LK_BENCH_N=600 LK_BENCH_BATCH=8 LK_BENCH_SIZE=64 LK_BENCH_WORKERS=2 runs the same
-# steps on a CPU in a few minutes: a rehearsal of the plumbing before a GPU lease (its figures mean nothing).
+# steps on a CPU in a few minutes (LK_BENCH_PRECISION=fp32: faster there): a rehearsal of the plumbing before
+# a GPU lease (its figures mean nothing).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,6 +34,7 @@ WORKERS=${LK_BENCH_WORKERS:-16}
 DEVICE=${LK_BENCH_DEVICE:-cuda}
 BATCH=${LK_BENCH_BATCH:-256}
 SIZE=${LK_BENCH_SIZE:-224}
+PRECISION=${LK_BENCH_PRECISION:-bf16}  # of the e2e runs
 DATA=${LK_BENCH_DATA:-$OUT/data}
 RESULTS=$OUT/gpu_bench.jsonl
 mkdir -p "$OUT"
@@ -66,7 +68,7 @@ step "bench aug" aug.log "$LK" bench aug --device "$DEVICE" --batch-size "$BATCH
   --workers "$WORKERS" --repeats 5 --placement-batches 10 --out "$RESULTS"
 
 E2E=(bench e2e resnet18 --data "$DATA/shards" --device "$DEVICE" --batch-size "$BATCH" --image-size "$SIZE"
-  --steps 40 --repeats 3 --workers "$WORKERS" --precision bf16 --channels-last --out "$RESULTS")
+  --steps 40 --repeats 3 --workers "$WORKERS" --precision "$PRECISION" --channels-last --out "$RESULTS")
 step "bench e2e resnet18" e2e.log "$LK" "${E2E[@]}" --preset derm --profile "$OUT/e2e_profile.txt"
 
 rate=$("$PY" - "$RESULTS" <<'PY' || echo 8000
