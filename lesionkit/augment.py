@@ -148,13 +148,18 @@ def _apply(x: torch.Tensor, sel: torch.Tensor, fn) -> torch.Tensor:
     """x with fn applied to the selected samples; skips the gather/scatter when all are selected."""
     if bool(sel.all()):
         return fn(x)
-    idx = sel.nonzero().squeeze(1).to(x.device, non_blocking=True)  # CPU-made: no sync, unlike a bool mask
+    idx = _to(sel.nonzero().squeeze(1), x.device)  # CPU-made indices: no sync, unlike a bool mask
     x[idx] = fn(x[idx])
     return x
 
 
 def _uniform(n: int, low: float, high: float) -> torch.Tensor:
     return torch.rand(n) * (high - low) + low
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU-drawn parameter on `device` without a stream sync (see the module docstring)."""
+    return t.to(device, non_blocking=True)
 
 
 def resize_center(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -265,11 +270,7 @@ class Augment(nn.Module):
         if (sel := _gate(B, P["grayscale"]["p"])) is not None:
             x = _apply(x, sel, lambda v: kornia.color.rgb_to_grayscale(v).repeat(1, 3, 1, 1))
         if (sel := _gate(B, P["noise"]["p"])) is not None:
-            std = (
-                (torch.rand(int(sel.sum())) * P["noise"]["std"])
-                .to(x.device, non_blocking=True)
-                .view(-1, 1, 1, 1)
-            )
+            std = _to(torch.rand(int(sel.sum())) * P["noise"]["std"], x.device).view(-1, 1, 1, 1)
             x = _apply(x, sel, lambda v: v.add_(torch.randn_like(v).mul_(std)))
         return x
 
@@ -345,12 +346,9 @@ class Augment(nn.Module):
                 h, w = x.shape[-2:]
             short = min(h, w)
             theta = torch.cat([A, b.unsqueeze(-1)], -1) * torch.tensor([short / w, short / h]).view(1, 2, 1)
-            # F.affine_grid's bmm is 4x slower on CPU
-            grid = _affine_grid(theta.to(x.device, non_blocking=True), S)
+            grid = _affine_grid(_to(theta, x.device), S)  # F.affine_grid's bmm is 4x slower on CPU
             if disp is not None:
-                grid += F.interpolate(
-                    disp.to(x.device, non_blocking=True), size=(S, S), mode="bilinear", align_corners=True
-                )
+                grid += F.interpolate(_to(disp, x.device), size=(S, S), mode="bilinear", align_corners=True)
             # Outside the image is black, like a dermatoscope's vignette ("reflection" mirrors lesions that
             # touch the border into ghost lesions).
             return F.grid_sample(
@@ -391,25 +389,20 @@ class Augment(nn.Module):
 
         dev = x.device
         t = torch.linspace(0, 1, 2 * S, device=dev).view(1, 1, -1, 1)
-        s0, c0, e0 = (
-            start.to(dev, non_blocking=True)[:, :, None],
-            ctrl.to(dev, non_blocking=True)[:, :, None],
-            end.to(dev, non_blocking=True)[:, :, None],
-        )
+        s0, c0, e0 = _to(start, dev)[:, :, None], _to(ctrl, dev)[:, :, None], _to(end, dev)[:, :, None]
         pts = (1 - t) ** 2 * s0 + 2 * (1 - t) * t * c0 + t**2 * e0  # [n,K,M,2], ~0.5 px apart
         off = torch.stack(torch.meshgrid(torch.arange(W), torch.arange(W), indexing="xy"), -1).view(-1, 2)
         keep = (off.view(1, 1, -1, 2) < width.view(n, K, 1, 1)).all(-1) & active[..., None]  # [n,K,O]
-        off = off.to(dev, non_blocking=True).view(1, 1, 1, -1, 2)
-        xy = pts.floor().long()[:, :, :, None, :] + off  # [n,K,M,O,2]
-        inside = ((xy >= 0) & (xy < S)).all(-1) & keep.to(dev, non_blocking=True)[:, :, None, :]
+        xy = pts.floor().long()[:, :, :, None, :] + _to(off, dev).view(1, 1, 1, -1, 2)  # [n,K,M,O,2]
+        inside = ((xy >= 0) & (xy < S)).all(-1) & _to(keep, dev)[:, :, None, :]
         flat = (torch.arange(n, device=dev).view(n, 1, 1, 1) * S + xy[..., 1]) * S + xy[..., 0]
         # Off-image points go to one spare slot at the end (no boolean indexing: no device sync).
         flat = torch.where(inside, flat, n * S * S).view(-1)
-        values = alpha.to(dev, non_blocking=True).view(n, 1, 1, 1).expand_as(xy[..., 0]).reshape(-1)
+        values = _to(alpha, dev).view(n, 1, 1, 1).expand_as(xy[..., 0]).reshape(-1)
         mask = torch.zeros(n * S * S + 1, device=dev).scatter_reduce_(0, flat, values, reduce="amax")
         mask = mask[:-1].view(n, 1, S, S)
         mask = torch.maximum(mask, 0.5 * F.avg_pool2d(mask, 3, 1, 1))  # soft edge
-        colour = colour.to(dev, non_blocking=True).view(n, 3, 1, 1)
+        colour = _to(colour, dev).view(n, 3, 1, 1)
         return _apply(x, sel, lambda v: v.mul_(1 - mask).add_(colour * mask))
 
     # ---- colour jitter as one per-sample affine colour transform ---------------------------------
@@ -425,16 +418,11 @@ class Augment(nn.Module):
         luma = torch.tensor(_LUMA)
         saturation = sat.view(B, 1, 1) * torch.eye(3) + (1 - sat).view(B, 1, 1) * luma.view(1, 1, 3)
         matrix = _hue_rotation(hue) @ saturation * (bright * contrast).view(B, 1, 1)
-        matrix, offset_scale = (
-            matrix[sel].to(x.device, non_blocking=True),
-            ((1 - contrast) * bright)[sel].to(x.device, non_blocking=True),
-        )
+        matrix, offset_scale = _to(matrix[sel], x.device), _to(((1 - contrast) * bright)[sel], x.device)
 
         def jitter(v):
             # contrast blends towards the image's mean grey; grey is a fixed point of hue and saturation
-            grey_mean = torch.einsum("c,bchw->b", luma.to(v.device, non_blocking=True), v) / (
-                v.shape[-1] * v.shape[-2]
-            )
+            grey_mean = torch.einsum("c,bchw->b", _to(luma, v.device), v) / (v.shape[-1] * v.shape[-2])
             out = torch.einsum("bij,bjhw->bihw", matrix, v)
             return out.add_((offset_scale * grey_mean).view(-1, 1, 1, 1))
 
