@@ -146,7 +146,8 @@ def add_arguments(parser) -> None:
         "--threads",
         type=int,
         default=0,
-        help="torch threads per process (default: torch's; accelerate gives ranks 1); 1 on a busy CPU",
+        help="torch threads per process, as train --threads (0: auto, 1 on a GPU with loader workers, else "
+        "torch's; accelerate gives CPU ranks 1); 1 on a busy CPU",
     )
     p.add_argument(
         "--decode",

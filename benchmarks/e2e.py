@@ -67,6 +67,7 @@ def _e2e_rank(args) -> dict:
         image_size=args.image_size,
         batch_size=args.batch_size,
         workers=args.workers,
+        threads=args.threads,
         augment=args.preset,
         augment_placement=args.placement,
         decode=args.decode,

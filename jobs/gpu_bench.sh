@@ -15,7 +15,12 @@
 #    of read + decode + collate at 224 px with the loader cores the measured e2e rate needs (issue 16);
 #    and the stream with `decode=device` (workers read bytes, nvJPEG decodes each batch on the GPU), with
 #    the largest pixel difference between nvJPEG and the CPU decode of the same images (issue 21);
-# 6. optional, LK_BENCH_COMPILE=1: `bench step` again with torch.compile rows (compiling takes minutes).
+# 6. optional, LK_BENCH_COMPILE=1: `bench step` again with torch.compile rows (compiling takes minutes);
+# 7. optional part `threads`: the e2e loop again with torch's one thread per core in the training process
+#    (train's auto gives it 1 on a GPU: its CPU-side augmentation parameter math contended with the workers
+#    for the cores), with its profile (e2e_threads_profile.txt), and with 2 fewer loader workers.
+# LK_BENCH_PARTS picks the parts, in order (default "step aug e2e loader", + "compile" with LK_BENCH_COMPILE=1):
+#   LK_BENCH_PARTS="e2e threads" bash jobs/gpu_bench.sh  # the e2e loop and its variants only (~4 min)
 # Every benchmark appends one JSON line (host, torch, device name, all parameters) to the same file.
 # A failing step is logged and the next one still runs (GPU time is scarce: one broken case must not cost
 # the others); the script exits 1 naming the failed steps.
@@ -36,6 +41,7 @@ BATCH=${LK_BENCH_BATCH:-256}
 SIZE=${LK_BENCH_SIZE:-224}
 PRECISION=${LK_BENCH_PRECISION:-bf16}  # of the e2e runs
 DATA=${LK_BENCH_DATA:-$OUT/data}
+PARTS=" ${LK_BENCH_PARTS:-step aug e2e loader$([ "${LK_BENCH_COMPILE:-0}" = 1 ] && echo ' compile')} "
 RESULTS=$OUT/gpu_bench.jsonl
 mkdir -p "$OUT"
 
@@ -61,31 +67,44 @@ if [ ! -f "$DATA/shards/manifest.json" ]; then
     --out "$DATA/shards" --size "$SIZE" --shard-size 500 --workers "$WORKERS" --force
 fi
 
-step "bench step resnet18" step.log "$LK" bench step resnet18 --device "$DEVICE" --batch-size "$BATCH" \
+want() { [[ $PARTS == *" $1 "* ]]; }
+
+want step && step "bench step resnet18" step.log "$LK" bench step resnet18 --device "$DEVICE" --batch-size "$BATCH" \
   --image-size "$SIZE" --steps 20 --repeats 5 --no-compile --out "$RESULTS"
 
-step "bench aug" aug.log "$LK" bench aug --device "$DEVICE" --batch-size "$BATCH" --image-size "$SIZE" \
+want aug && step "bench aug" aug.log "$LK" bench aug --device "$DEVICE" --batch-size "$BATCH" --image-size "$SIZE" \
   --workers "$WORKERS" --repeats 5 --placement-batches 10 --out "$RESULTS"
 
 E2E=(bench e2e resnet18 --data "$DATA/shards" --device "$DEVICE" --batch-size "$BATCH" --image-size "$SIZE"
   --steps 40 --repeats 3 --workers "$WORKERS" --precision "$PRECISION" --channels-last --out "$RESULTS")
-step "bench e2e resnet18" e2e.log "$LK" "${E2E[@]}" --preset derm --profile "$OUT/e2e_profile.txt"
+if want e2e; then
+  step "bench e2e resnet18" e2e.log "$LK" "${E2E[@]}" --preset derm --profile "$OUT/e2e_profile.txt"
+  step "bench e2e resnet18, no augmentation" e2e_none.log "$LK" "${E2E[@]}" --preset none
+  step "bench e2e resnet18, JPEGs decoded on the device" e2e_device.log "$LK" "${E2E[@]}" --preset derm --decode device
+fi
 
-rate=$("$PY" - "$RESULTS" <<'PY' || echo 8000
+if want threads; then
+  # the training process's torch threads: auto (1 on a GPU, the e2e part's rows) vs torch's one per core
+  CORES=$("$PY" -c "import os; print(len(os.sched_getaffinity(0)))") FEWER=$((WORKERS > 2 ? WORKERS - 2 : 1))
+  step "bench e2e resnet18, $CORES torch threads" e2e_threads.log "$LK" "${E2E[@]}" --preset derm \
+    --threads "$CORES" --profile "$OUT/e2e_threads_profile.txt"
+  step "bench e2e resnet18, $FEWER workers" e2e_fewer.log "$LK" "${E2E[@]}" --preset derm --workers "$FEWER"
+fi
+
+if want loader; then
+  # the loader's cores are sized for the e2e rate with augmentation (the part e2e's first row)
+  rate=$("$PY" - "$RESULTS" <<'PY' || echo 8000
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-print(round([r for r in rows if r.get("bench") == "e2e"][-1]["cases"]["e2e"]["items_per_s"]))
+e2e = [r for r in rows if r.get("bench") == "e2e" and r["params"]["preset"] != "none" and r["params"]["decode"] == "workers"]
+print(round(e2e[0]["cases"]["e2e"]["items_per_s"]) if e2e else 8000)
 PY
 )
-step "bench e2e resnet18, no augmentation" e2e_none.log "$LK" "${E2E[@]}" --preset none
-step "bench e2e resnet18, JPEGs decoded on the device" e2e_device.log "$LK" "${E2E[@]}" --preset derm --decode device
-
-step "bench loader (GPU rate $rate images/s)" loader.log "$LK" bench loader "$DATA/shards" \
-  --workers "$WORKERS" --batch-size "$BATCH" --repeats 1 --gpu-rate "$rate" --device "$DEVICE" --out "$RESULTS"
-
-if [ "${LK_BENCH_COMPILE:-0}" = 1 ]; then
-  step "bench step resnet18 with torch.compile" step_compile.log "$LK" bench step resnet18 \
-    --device "$DEVICE" --batch-size "$BATCH" --image-size "$SIZE" --steps 20 --repeats 3 --compile --out "$RESULTS"
+  step "bench loader (GPU rate $rate images/s)" loader.log "$LK" bench loader "$DATA/shards" \
+    --workers "$WORKERS" --batch-size "$BATCH" --repeats 1 --gpu-rate "$rate" --device "$DEVICE" --out "$RESULTS"
 fi
+
+want compile && step "bench step resnet18 with torch.compile" step_compile.log "$LK" bench step resnet18 \
+  --device "$DEVICE" --batch-size "$BATCH" --image-size "$SIZE" --steps 20 --repeats 3 --compile --out "$RESULTS"
 log "done: $(wc -l < "$RESULTS" 2>/dev/null || echo 0) JSON lines in $RESULTS"
 [ ${#FAILED[@]} -eq 0 ] || { log "failed: ${FAILED[*]}"; exit 1; }

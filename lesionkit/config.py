@@ -35,6 +35,11 @@ class TrainConfig:
     image_size: int = opt(224, "square input size in pixels (pack at this size so the loader never resizes)")
     batch_size: int = opt(32, "batch per process (the global batch is this x processes x grad_accum)")
     workers: int = opt(2, "loader worker processes per training process (each streams whole shards)")
+    threads: int = opt(
+        0,
+        "torch threads of each training process (0: auto, 1 on a GPU whose loader workers need the cores, "
+        "torch's default of one per core on a CPU)",
+    )
     shuffle_buffer: int = opt(500, "samples in each loader worker's shuffle buffer")
     balanced: bool = opt(False, "draw classes equally often (the stream's WeightedRandomSampler)")
     skip_corrupt: bool = opt(False, "skip (and count) undecodable training samples instead of failing")
@@ -108,6 +113,11 @@ class TrainConfig:
         "this many minutes (0 = off); the epoch count then depends on the machine's speed",
     )
     ema_decay: float = opt(0.0, "keep an exponential moving average of the weights and validate it (0 = off)")
+    swa_epochs: int = opt(
+        0,
+        "stochastic weight averaging: validate and save the equal average of the weights at the end of each "
+        "of the last N epochs (0 = off; not with ema_decay; a time limit that ends training first skips it)",
+    )
     skip_nonfinite: bool = opt(False, "skip a step whose loss is NaN/inf instead of stopping")
     # run
     output_dir: str = opt(
@@ -288,6 +298,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"image_size must be within 32..2048, got {cfg.image_size}")
     if cfg.workers < 0:
         raise ConfigError(f"workers must be >= 0, got {cfg.workers}")
+    if not 0 <= cfg.swa_epochs <= cfg.epochs:
+        raise ConfigError(f"swa_epochs must be within 0..epochs ({cfg.epochs}), got {cfg.swa_epochs}")
+    if cfg.swa_epochs and cfg.ema_decay:
+        raise ConfigError("swa_epochs and ema_decay both average the weights: set one of them")
+    if cfg.threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0 = auto), got {cfg.threads}")
     if cfg.time_limit_min < 0:
         raise ConfigError(f"time_limit_min must be >= 0 (0 = no limit), got {cfg.time_limit_min:g}")
     if cfg.decode == "device" and cfg.augment_placement == "workers":

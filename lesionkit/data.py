@@ -21,6 +21,7 @@ dropping half of the data on 2 ranks, and its even_batches logic knows nothing o
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import itertools
 import json
@@ -100,6 +101,29 @@ class Encoded:
         return [self.data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
+def _decode_on(device, blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One batched `decode_jpeg` on `device`. On CUDA it runs under a side stream: nvJPEG writes its outputs
+    before the work queued on the caller's stream has run, into blocks the caching allocator recycled from
+    that stream, so it overwrote tensors the previous training step was still reading (non-finite loss at
+    step 2 of `bench e2e --decode device` on an H200; pytorch/vision#9606). Outputs allocated from the side
+    stream's own pool, and marked as used by the caller's stream, only reuse memory nothing still reads."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    caller, side = torch.cuda.current_stream(device), _side_stream(device)
+    with torch.cuda.stream(side):
+        decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    caller.wait_stream(side)
+    for image in decoded:
+        image.record_stream(caller)  # freed later: not reused until the caller's stream is past its reads
+    return decoded
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 def pixels(batch: Batch, device) -> torch.Tensor:
     """The batch's uint8 images [B, 3, S, S] on `device`, contiguous: moved there (the workers' batches are
     channels_last, the layout their decoder writes; the transpose happens here, on the device), or, for an
@@ -110,11 +134,11 @@ def pixels(batch: Batch, device) -> torch.Tensor:
         return images.to(device, non_blocking=True).contiguous()
     blobs = images.blobs()
     try:
-        decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+        decoded = _decode_on(device, blobs)
     except RuntimeError:
         for key, blob in zip(batch.keys, blobs):  # the batched call does not say which one: find it
             try:
-                decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
+                _decode_on(device, [blob])
             except RuntimeError as exc:
                 raise CorruptDataError(
                     f"corrupt sample {key!r}: JPEG decode on {device} failed: {exc}"

@@ -96,15 +96,18 @@ def step_scheduler(scheduler, metric: float | None = None) -> None:
         scheduler.step()
 
 
-def build_ema(model: nn.Module, decay: float):
-    """An exponential moving average of the weights AND the buffers (BatchNorm running statistics), as
-    timm's ModelEma keeps. Averaging the parameters alone leaves the copy's BatchNorm statistics at the
-    initial (ImageNet) values under weights that have moved on. None when `decay` is 0."""
+def build_average(model: nn.Module, ema_decay: float = 0.0, swa: bool = False):
+    """The averaged copy of the weights that is validated and saved, or None: an exponential moving average
+    (`ema_decay`, updated every step) or SWA's equal average (`swa`, updated at chosen epoch ends). Both
+    average the buffers too (BatchNorm running statistics), as timm's ModelEma keeps: averaging the
+    parameters alone leaves the copy's statistics at the initial (ImageNet) values under weights that have
+    moved on. SWA's paper recomputes them with a pass over the data (`update_bn`) instead; here that would
+    be one more pass of the shard stream per update, and the averaged statistics need none."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    if not decay:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if ema_decay:
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    return AveragedModel(model, use_buffers=True) if swa else None
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

@@ -1,6 +1,11 @@
 """Resource planning before launch: processes, device, batch, LR and loader workers of a run, from the
 config, the launch's environment and the shard manifests, checked before any process group starts.
 
+Torch threads of the training process: on a GPU with loader workers, 1 (its CPU work is launching kernels
+and drawing per-sample augmentation parameters on tiny tensors; torch's one thread per core made those
+ops wait for cores busy decoding: `bench e2e` on an H200, 16 workers, derm: 1.59x with 1 thread,
+docs/performance.md#gpu); on a CPU, torch's default (the model runs there).
+
 Loader workers per process = the smallest of: the config's `workers`; the CPUs this process may use
 (`os.sched_getaffinity`, capped by `SLURM_CPUS_PER_TASK`) divided among the node's training processes; the
 training shards each rank gets (every worker streams whole shards). Fewer training shards than processes
@@ -69,6 +74,8 @@ class Plan:
     lr_rule: str
     workers: int
     workers_why: str
+    threads: int  # torch threads of each training process; 0: torch's default
+    threads_why: str
     train_shards: int
     val_shards: int
     val_workers: int
@@ -87,7 +94,8 @@ class Plan:
             f"batch {cfg.batch_size} per device x {world} process(es) x {cfg.grad_accum} accumulation "
             f"= global batch {self.global_batch}",
             f"lr {self.lr:.4g} ({self.lr_rule}){warmup}",
-            f"loader workers {self.workers} per process ({self.workers_why}); validation {self.val_workers}",
+            f"loader workers {self.workers} per process ({self.workers_why}); validation {self.val_workers}; "
+            f"torch threads {self.threads or 'default'} ({self.threads_why})",
             f"training shards {self.train_shards}: {lo if lo == hi else f'{lo}-{hi}'} per rank; "
             f"validation shards {self.val_shards}",
             f"image {cfg.image_size} px, precision {cfg.mixed_precision}, channels_last "
@@ -95,6 +103,16 @@ class Plan:
             f"initial weights: {self.start}",
         ]
         return "\n".join(f"lesionkit plan: {line}" for line in lines)
+
+
+def plan_threads(threads: int, device: str, workers: int) -> tuple[int, str]:
+    """(torch threads per training process, why): the config's, else 1 on a GPU with loader workers, else
+    0 (torch's default: one per core, or what the launcher set). Measured on CUDA only: MPS keeps torch's."""
+    if threads:
+        return threads, f"config {threads}"
+    if device == devices.CUDA and workers > 0:
+        return 1, "auto: a GPU run, the cores are the loader workers'"
+    return 0, "auto"
 
 
 def make(
@@ -141,6 +159,7 @@ def make(
             if cfg.model == "efficientnet_lite0"
             else "torchvision's ImageNet download, once per node (no --weights-cache)"
         )
+    threads, threads_why = plan_threads(cfg.threads, device, workers)
     global_batch = cfg.batch_size * world * cfg.grad_accum
     factor, rule = profiles.lr_rule(cfg, global_batch)
     return Plan(
@@ -153,6 +172,8 @@ def make(
         lr_rule=rule,
         workers=workers,
         workers_why=why,
+        threads=threads,
+        threads_why=threads_why,
         train_shards=train_shards,
         val_shards=val_shards,
         val_workers=min(workers, math.ceil(val_shards / world)),

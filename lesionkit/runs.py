@@ -274,6 +274,7 @@ def environment(accelerator) -> dict:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "cuda": torch.version.cuda,
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),  # of this process, after the plan's --threads
         "launch_env": {k: os.environ[k] for k in LAUNCH_ENV if k in os.environ},
     }
 

@@ -66,7 +66,7 @@ from lesionkit.models import (
     prepare_model,
 )
 from lesionkit.optim import (
-    build_ema,
+    build_average,
     build_optimizer,
     build_scheduler,
     scaled_lr,
@@ -95,25 +95,26 @@ class LoopState:
 
 
 class TrainerState:
-    """The trainer's state beyond model/optimizer/scaler/RNG (loop state, scheduler, EMA), registered with
-    Accelerate once so `save_state` / `load_state` carry it with everything else."""
+    """The trainer's state beyond model/optimizer/scaler/RNG (loop state, scheduler, EMA/SWA average),
+    registered with Accelerate once so `save_state` / `load_state` carry it with everything else."""
 
-    def __init__(self, loop: LoopState, scheduler, ema):
-        self.loop, self.scheduler, self.ema = loop, scheduler, ema
+    def __init__(self, loop: LoopState, scheduler, average):
+        self.loop, self.scheduler, self.average = loop, scheduler, average
 
     def state_dict(self) -> dict:
         return {
             "loop": dataclasses.asdict(self.loop),
             "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "average": self.average.state_dict() if self.average is not None else None,
         }
 
     def load_state_dict(self, saved: dict) -> None:
         for key, value in saved["loop"].items():
             setattr(self.loop, key, value)
         self.scheduler.load_state_dict(saved["scheduler"])
-        if self.ema is not None and saved["ema"] is not None:
-            self.ema.load_state_dict(saved["ema"])
+        average = saved.get("average", saved.get("ema"))  # "ema": checkpoints before SWA
+        if self.average is not None and average is not None:
+            self.average.load_state_dict(average)
 
 
 @dataclass
@@ -129,7 +130,7 @@ class TrainContext:
     model: torch.nn.Module  # prepared (DDP-wrapped under several processes)
     optimizer: torch.optim.Optimizer
     scheduler: object
-    ema: torch.optim.swa_utils.AveragedModel | None
+    average: torch.optim.swa_utils.AveragedModel | None  # EMA or SWA of the weights (optim.build_average)
     augment: torch.nn.Module | None  # on the device; None when augmentation runs in the loader workers
     preprocess: torch.nn.Module  # the deterministic eval transform, on the device
     mixup: object | None
@@ -380,6 +381,8 @@ def build(
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     train_folds, val_folds = fold_selection(cfg)
     workers, val_workers = agreed_workers(accelerator, plan)
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
     fetch = sources.Fetch(cache_dir=cfg.cache_dir or None, retries=cfg.fetch_retries)
     excluded = exclusion(cfg.train, dedup.read_exclusion(cfg.exclude), fetch) if cfg.exclude else None
     task, merge = label_space(cfg, fetch)
@@ -403,7 +406,7 @@ def build(
         model, build_optimizer(dataclasses.replace(cfg, lr=plan.lr), model)
     )
     scheduler = build_scheduler(cfg, optimizer, monitor.mode)
-    ema = build_ema(accelerator.unwrap_model(model), cfg.ema_decay)
+    average = build_average(accelerator.unwrap_model(model), cfg.ema_decay, swa=cfg.swa_epochs > 0)
 
     mean, std = input_stats(cfg.model)
     placement = (
@@ -418,7 +421,7 @@ def build(
     )
     preprocess = build_augment("none", cfg.image_size, mean, std, color_constancy=cfg.color_constancy)
     state = LoopState(best=monitor.worst)
-    accelerator.register_for_checkpointing(TrainerState(state, scheduler, ema))
+    accelerator.register_for_checkpointing(TrainerState(state, scheduler, average))
     loader = train_loader(
         cfg.train,
         image_size=cfg.image_size,
@@ -451,7 +454,7 @@ def build(
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        ema=ema,
+        average=average,
         augment=augment.to(device) if placement == "device" else None,
         preprocess=preprocess.eval().to(device),
         mixup=build_mixup(len(classes), cfg.mixup_alpha, cfg.cutmix_alpha),
@@ -551,8 +554,8 @@ def train_step(ctx: TrainContext, batch, epoch: int, step: int) -> tuple[float, 
             with scaled_lr(optimizer, warmup_factor(ctx.state.global_step, ctx.warmup_steps)):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if ctx.ema is not None and accelerator.sync_gradients:
-                ctx.ema.update_parameters(accelerator.unwrap_model(model))
+            if cfg.ema_decay and accelerator.sync_gradients:
+                ctx.average.update_parameters(accelerator.unwrap_model(model))
     return loss_sum / accelerator.num_processes, bad > 0, stops > 0
 
 
@@ -590,10 +593,17 @@ def train_one_epoch(ctx: TrainContext, state: LoopState) -> EpochStats:
     return stats
 
 
+def evaluated(ctx: TrainContext, unwrap: bool = False) -> torch.nn.Module:
+    """The weights validated and saved: the EMA/SWA average once it holds any, else the trained model."""
+    if ctx.average is not None and ctx.average.n_averaged > 0:
+        return ctx.average.module
+    return ctx.accelerator.unwrap_model(ctx.model) if unwrap else ctx.model
+
+
 def validate(ctx: TrainContext):
     """(metrics, labels, probs, keys): every validation sample scored exactly once across ranks (averaging
     `val_tta` views, as `evaluate --tta` does); every rank gets the same metrics."""
-    model = ctx.ema.module if ctx.ema is not None else ctx.model
+    model = evaluated(ctx)
     keys, labels, logits = predict_logits(
         model,
         ctx.val_loader,
@@ -623,9 +633,7 @@ def save_checkpoint(ctx: TrainContext, metrics: dict, best: bool, val=None) -> N
     try:
         accelerator.save_state(str(staging))
         if accelerator.is_main_process:
-            weights = (
-                ctx.ema.module if ctx.ema is not None else accelerator.unwrap_model(ctx.model)
-            ).state_dict()
+            weights = evaluated(ctx, unwrap=True).state_dict()
             mean, std = input_stats(cfg.model)
             checkpoint.write_inference_files(
                 staging,
@@ -769,6 +777,8 @@ def _loop(ctx: TrainContext) -> int:
             )
             status = "preempted"
             break
+        if cfg.swa_epochs and state.epoch >= cfg.epochs - cfg.swa_epochs:
+            ctx.average.update_parameters(accelerator.unwrap_model(ctx.model))
         metrics, val_y, val_p, val_keys = validate(ctx)
         lr, score = ctx.optimizer.param_groups[0]["lr"], metrics.get(ctx.monitor.name)
         step_scheduler(ctx.scheduler, score if score is not None else ctx.monitor.worst)

@@ -149,7 +149,7 @@ UNIT_SECONDS = {
     "tests/test_train.py": 200,
     "registry": 186,
     "tests/test_runs.py": 130,
-    "tests/test_gpu_bench.py": 130,  # alone, quiet, 2026-12-04 (not in the 2,037 s above)
+    "tests/test_gpu_bench.py": 165,  # 130 alone, quiet, 2026-12-04, + the threads part (2 e2e runs)
     "tests/test_folds.py": 126,
     "tests/test_remote.py": 81,
     "tests/test_merge.py": 52,

@@ -60,6 +60,15 @@ CASES = {
         ["--time-limit-min", "-5"],
         ["time_limit_min must be >= 0 (0 = no limit), got -5"],
     ),
+    "swa longer than training": (
+        ["--epochs", "3", "--swa-epochs", "4"],
+        ["swa_epochs must be within 0..epochs (3), got 4"],
+    ),
+    "swa and ema": (
+        ["--swa-epochs", "2", "--ema-decay", "0.99"],
+        ["swa_epochs and ema_decay both average the weights: set one of them"],
+    ),
+    "negative threads": (["--threads", "-1"], ["threads must be >= 0 (0 = auto), got -1"]),
     "bad augment op": (["--augment-overrides", "{hairs: {p: 1}}"], ["unknown augmentation op 'hairs'"]),
     "device decode, worker augmentation": (
         ["--decode", "device", "--augment-placement", "workers"],

@@ -37,6 +37,7 @@ def test_gpu_bench_runs_every_step_and_reports_a_failing_one(tmp_path):
         LK_BENCH_SIZE="16",  # `bench aug` refuses sizes under 32 (exit 2): the failing step
         LK_BENCH_WORKERS="1",
         LK_BENCH_PRECISION="fp32",
+        LK_BENCH_PARTS="step aug e2e threads loader",  # all but compile (minutes on a CPU)
         LK_BENCH_OUT=str(tmp_path / "out"),
         LK_BENCH_DATA=str(data),
         LK_BENCH_LESIONKIT=str(LESIONKIT),
@@ -48,16 +49,22 @@ def test_gpu_bench_runs_every_step_and_reports_a_failing_one(tmp_path):
     assert "FAILED: bench aug (exit 2)" in res.stdout and "failed: bench aug" in res.stdout
     assert "--image-size must be >= 32" in (out / "aug.log").read_text()  # its flags parsed; it ran, refused
     rows = [json.loads(line) for line in (out / "gpu_bench.jsonl").read_text().splitlines()]
-    assert [r["bench"] for r in rows] == ["step", "e2e", "e2e", "e2e", "loader"]  # every step after aug ran
+    assert [r["bench"] for r in rows] == ["step"] + ["e2e"] * 5 + ["loader"]  # every step after aug ran
     e2e = [r for r in rows if r["bench"] == "e2e"]
-    assert [(r["params"]["preset"], r["params"]["decode"]) for r in e2e] == [
-        ("derm", "workers"),
-        ("none", "workers"),
-        ("derm", "device"),
+    cores = len(os.sched_getaffinity(0))
+    keys = ("preset", "decode", "workers", "torch_threads")
+    assert [tuple(r["params"][k] for k in keys) for r in e2e] == [
+        ("derm", "workers", 1, 1),  # OMP_NUM_THREADS=1 here; auto is torch's default on a CPU
+        ("none", "workers", 1, 1),
+        ("derm", "device", 1, 1),
+        ("derm", "workers", 1, cores),  # the threads part: one per core, and 2 fewer workers (at least 1)
+        ("derm", "workers", 1, 1),
     ]
     assert all(r["params"]["image_size"] == 16 and r["params"]["device"] == "cpu" for r in e2e)
     # the loader's core count is computed at the e2e rate with augmentation (the first e2e row)
     assert rows[-1]["params"]["gpu_rate"] == round(e2e[0]["cases"]["e2e"]["items_per_s"])
     assert "sorted by self_cpu_time_total" in (out / "e2e_profile.txt").read_text()
-    for log in ("step", "e2e", "e2e_none", "e2e_device", "loader"):
+    assert "sorted by self_cpu_time_total" in (out / "e2e_threads_profile.txt").read_text()
+    assert "bench e2e resnet18, 1 workers" in res.stdout  # what it ran is what its log line says
+    for log in ("step", "e2e", "e2e_none", "e2e_device", "e2e_threads", "e2e_fewer", "loader"):
         assert (out / f"{log}.log").stat().st_size > 0, log

@@ -128,11 +128,11 @@ def test_bad_choices():
 def test_ema_follows_batchnorm_statistics_not_only_weights():
     """The EMA copy is what is validated and saved: its BatchNorm running statistics must move with the
     trained model's (they stayed at their initial values when only parameters were averaged)."""
-    from lesionkit.optim import build_ema
+    from lesionkit.optim import build_average
 
     model = _model().eval()
     model(torch.zeros(2, 3, 5, 5))  # materialise the lazy layer (eval: the statistics stay at 0 and 1)
-    ema = build_ema(model, 0.75)
+    ema = build_average(model, ema_decay=0.75)
     ema.update_parameters(model)  # the first update copies
     for _ in range(2):
         model[1].running_mean.fill_(1.0)  # the statistics a training epoch would have moved
@@ -141,4 +141,20 @@ def test_ema_follows_batchnorm_statistics_not_only_weights():
     # two EMA steps from (0, 1) towards (1, 3): 1 - 0.75^2 of the way
     assert torch.allclose(ema.module[1].running_mean, torch.full((4,), 1 - 0.75**2))
     assert torch.allclose(ema.module[1].running_var, torch.full((4,), 1 + 2 * (1 - 0.75**2)))
-    assert build_ema(model, 0.0) is None
+    assert build_average(model, ema_decay=0.0) is None
+
+
+def test_swa_is_the_equal_average_of_weights_and_batchnorm_statistics():
+    from lesionkit.optim import build_average
+
+    model = _model().eval()
+    model(torch.zeros(2, 3, 5, 5))
+    swa = build_average(model, swa=True)
+    for mean in (1.0, 2.0, 6.0):  # three epoch ends
+        model[1].running_mean.fill_(mean)
+        with torch.no_grad():
+            model[1].weight.fill_(mean * 10)
+        swa.update_parameters(model)
+    assert int(swa.n_averaged) == 3
+    assert torch.allclose(swa.module[1].running_mean, torch.full((4,), 3.0))  # (1 + 2 + 6) / 3
+    assert torch.allclose(swa.module[1].weight, torch.full((4,), 30.0))

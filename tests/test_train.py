@@ -117,6 +117,32 @@ def test_single_process_run_writes_checkpoints_and_metrics(single):
     assert len(list((single / "checkpoints").iterdir())) <= 2
 
 
+def test_threads_flag_sets_the_process_threads_and_run_json_records_them(tmp_path, tiny_shards, single):
+    def threads(run) -> int:
+        (*_, last) = json.loads((Path(run) / "run.json").read_text())["segments"]
+        return last["environment"]["torch_threads"]
+
+    assert threads(single) == 1  # auto on a CPU: torch's default, here OMP_NUM_THREADS=1 (env())
+    res = train(tmp_path / "two", tiny_shards, "--epochs", "1", "--threads", "2")
+    assert threads(tmp_path / "two") == 2
+    assert "torch threads 2 (config 2)" in res.stdout
+
+
+def test_swa_saves_the_average_of_the_last_epochs_weights(tmp_path, tiny_shards, single):
+    """`single` trained 3 epochs; a 2-epoch run is its first 2 (a per-epoch step schedule): SWA over the
+    last 2 epochs of 3 must save their mean, and validate it (its score differs from the last weights')."""
+    train(tmp_path / "two", tiny_shards, "--epochs", "2")
+    train(tmp_path / "swa", tiny_shards, "--epochs", "3", "--swa-epochs", "2")
+    w2, w3, swa = (final_weights(tmp_path / "two"), final_weights(single), final_weights(tmp_path / "swa"))
+    for k, v in swa.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (w2[k] + w3[k]) / 2, atol=1e-6), k
+    assert not all(torch.equal(swa[k], w3[k]) for k in swa if swa[k].is_floating_point())
+    first, _, third = history(tmp_path / "swa")
+    assert first["val_loss"] == history(tmp_path / "two")[0]["val_loss"]  # before averaging: trained weights
+    assert third["val_loss"] != history(single)[2]["val_loss"]  # the average is what was validated
+
+
 @pytest.mark.ddp
 def test_two_process_ddp_agrees_with_single_process(tmp_path, tiny_shards, single):
     out = tmp_path / "ddp"
