@@ -172,21 +172,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_info(field: str) -> str:
+    """The first CPU's `field` in /proc/cpuinfo ("model name", "vendor_id"); "" where there is none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":")[0].strip() == field), "")
+
+
 def machine(device: torch.device) -> dict:
     """Where a number was measured: enough to compare JSON lines across machines (and to see the load)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    if not name:
-        cpuinfo = Path("/proc/cpuinfo")
-        models = (
-            [
-                line.split(":", 1)[1].strip()
-                for line in cpuinfo.read_text().splitlines()
-                if line.startswith("model name")
-            ]
-            if cpuinfo.is_file()
-            else []
-        )
-        name = models[0] if models else (platform.processor() or platform.machine())
+    name = name or cpu_info("model name") or platform.processor() or platform.machine()
     return {
         "device": str(device),
         "device_name": name,

@@ -85,6 +85,7 @@ fi
 
 if want threads; then
   # the training process's torch threads: auto (1 on a GPU, the e2e part's rows) vs torch's one per core
+  # the CPUs this process may use (not `nproc`: it answers OMP_NUM_THREADS when that is set)
   CORES=$("$PY" -c "import os; print(len(os.sched_getaffinity(0)))") FEWER=$((WORKERS > 2 ? WORKERS - 2 : 1))
   step "bench e2e resnet18, $CORES torch threads" e2e_threads.log "$LK" "${E2E[@]}" --preset derm \
     --threads "$CORES" --profile "$OUT/e2e_threads_profile.txt"

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
+from benchmarks.harness import cpu_info
 from tests.conftest import make_shards
 from tests.test_train import REPO, TINY, TRAIN, env
 
@@ -42,15 +42,6 @@ RUN = [
     "--seed",
     "7",
 ]
-
-
-def cpu_vendor() -> str:
-    """GenuineIntel / AuthenticAMD from /proc/cpuinfo ("" where there is none: no digest is checked)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
 
 
 def seeded_run(tmp_path, out) -> str:
@@ -84,7 +75,8 @@ def test_seeded_tiny_run_gives_the_recorded_weights(tmp_path):
     make_shards(tmp_path / "val", 32, 2, seed=2, prefix="VAL_")
     first, second = seeded_run(tmp_path, tmp_path / "run1"), seeded_run(tmp_path, tmp_path / "run2")
     assert first == second
-    key = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability(), cpu_vendor())
+    # the vendor is "" without /proc/cpuinfo: no recorded digest matches, the two runs must still agree
+    key = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability(), cpu_info("vendor_id"))
     print(f"weights digest on {key}: {first}")
     if key in WEIGHTS_SHA256:
         assert first == WEIGHTS_SHA256[key]
